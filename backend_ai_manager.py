@@ -1,0 +1,1637 @@
+#!/usr/bin/env python3
+"""backend-ai-manager: start, stop, inspect, update and roll back one systemd service over HTTP.
+
+One file, standard library only, Python 3.9+. Runs on every host of the fleet on port 3081 and
+controls exactly one local unit (the hub or an agent). The contract is API.md; this file reads
+top-down: errors, settings, logging, commands, systemd, releases (download, extract, swap),
+the update job, the HTTP API, and the command line.
+
+    python3 backend_ai_manager.py serve --role hub
+"""
+
+import argparse
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("backend-ai-manager")
+
+
+# ============================================================================================
+# Errors: raised anywhere, turned into the one JSON error shape in Handler._dispatch.
+# ============================================================================================
+
+class ManagerError(Exception):
+    """An error with the HTTP status it maps to and a message that says what was wrong."""
+    status = 500
+
+    def __init__(self, message, status=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class BadRequest(ManagerError):
+    status = 400
+
+
+class Conflict(ManagerError):
+    status = 409
+
+
+class SystemdError(ManagerError):
+    status = 500
+
+
+class ConfigError(Exception):
+    """An invalid setting: the daemon stops at start with this one line."""
+
+
+class ReleaseError(Exception):
+    """A release that cannot be installed (download, checksum, archive or content)."""
+
+
+# ============================================================================================
+# Settings: declared once (flag, environment variable, per-role default, parser), resolved
+# role default < environment < flag, validated before the port is bound.
+# ============================================================================================
+
+ROLES = {
+    "hub": {
+        "service": "ai-hub.service",
+        "install_dir": "/opt/backend-ai/hub",
+        "bind": "127.0.0.1",
+        "nas_url": "http://192.168.1.10:8888/api/raw/{version}/hub-{version}.tar.gz",
+        "word": "Hub",
+    },
+    "agent": {
+        "service": "ai-agent.service",
+        "install_dir": "/opt/backend-ai/agent",
+        "bind": "0.0.0.0",
+        "nas_url": "http://192.168.1.10:8888/api/raw/{version}/agent-{version}.tar.gz",
+        "word": "Agent",
+    },
+}
+COMMON_DEFAULTS = {
+    "port": "3081",
+    "keep_backups": "3",
+    "settle": "5",
+    "require_checksum": "no",
+    "health_url": "",
+    "token_file": "",
+    "allow": "",
+    "download_timeout": "600",
+    "max_download_mb": "2048",
+    "max_unpacked_mb": "8192",
+    "max_members": "200000",
+    "command_timeout": "90",
+}
+
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}\.service$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
+
+
+def parse_version(value):
+    """Return `value` if it is a plain version string (no '/', no '..', at most 64 characters)."""
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value) or ".." in value:
+        raise BadRequest(f"invalid version {value!r}: expected a plain version such as '2.0.11' "
+                         "(letters, digits, '.', '_', '+', '-'; at most 64 characters; no '..')")
+    return value
+
+
+def _int_in(lo, hi):
+    def parse(text):
+        if not re.fullmatch(r"[0-9]{1,9}", text) or not lo <= int(text) <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}")
+        return int(text)
+    return parse
+
+
+def _seconds(hi):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not 0 <= value <= hi:
+            raise ValueError(f"expected a number of seconds from 0 to {hi}")
+        return value
+    return parse
+
+
+def _bool(text):
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("", "0", "no", "false", "off"):
+        return False
+    raise ValueError("expected yes/no, true/false, on/off or 1/0")
+
+
+def _service(text):
+    if not UNIT_RE.fullmatch(text):
+        raise ValueError("expected a systemd service unit name such as 'ai-hub.service'")
+    return text
+
+
+def _abs_dir(text):
+    if not text.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return os.path.normpath(text)
+
+
+def _bind(text):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("expected an IP address such as 127.0.0.1 or 0.0.0.0") from None
+
+
+def _http_url(text, allow_empty=False):
+    if allow_empty and text == "":
+        return ""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return text
+
+
+def _nas_url(text):
+    _http_url(text)
+    if "{version}" not in text:
+        raise ValueError("the release URL must contain '{version}'")
+    return text
+
+
+def _token_file(text):
+    if text == "":
+        return ""
+    try:
+        with open(text, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError("the token must be at least 16 characters with no spaces")
+    return text
+
+
+def _networks(text):
+    if text.strip() == "":
+        return ()
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(","))
+    except ValueError as e:
+        raise ValueError(f"expected CIDR[,CIDR...]: {e}") from None
+
+
+# name, flag, environment variable, parser, help
+OPTIONS = [
+    ("role", "--role", "BACKEND_AI_ROLE", None, "hub or agent: picks the defaults"),
+    ("service", "--service", "BACKEND_AI_SERVICE", _service, "the systemd unit controlled"),
+    ("install_dir", "--install-dir", "BACKEND_AI_INSTALL_DIR", _abs_dir,
+     "where dist/ and package.json live"),
+    ("bind", "--bind", "BACKEND_AI_BIND", _bind, "address the API listens on"),
+    ("port", "--port", "BACKEND_AI_PORT", _int_in(1, 65535), "port the API listens on"),
+    ("nas_url", "--nas-url", "BACKEND_AI_NAS_URL", _nas_url, "release URL, {version} substituted"),
+    ("state_dir", "--state-dir", "BACKEND_AI_STATE_DIR", _abs_dir,
+     "update record, staging and kept releases"),
+    ("keep_backups", "--keep-backups", "BACKEND_AI_KEEP_BACKUPS", _int_in(1, 100),
+     "previous releases kept for rollback"),
+    ("settle", "--settle", "BACKEND_AI_SETTLE", _seconds(3600),
+     "seconds a restarted service must stay active (0: only check it is active)"),
+    ("require_checksum", "--require-checksum", "BACKEND_AI_REQUIRE_CHECKSUM", _bool,
+     "refuse a release without a matching .sha256"),
+    ("health_url", "--health-url", "BACKEND_AI_HEALTH_URL",
+     lambda t: _http_url(t, allow_empty=True), "must answer 2xx after a restart"),
+    ("token_file", "--token-file", "BACKEND_AI_TOKEN_FILE", _token_file,
+     "require 'Authorization: Bearer <token>'"),
+    ("allow", "--allow", "BACKEND_AI_ALLOW", _networks, "clients outside these CIDRs get 403"),
+    ("download_timeout", "--download-timeout", "BACKEND_AI_DOWNLOAD_TIMEOUT", _seconds(86400),
+     "total deadline of a release download"),
+    ("max_download_mb", "--max-download-mb", "BACKEND_AI_MAX_DOWNLOAD_MB", _int_in(1, 1 << 20),
+     "largest release tarball accepted"),
+    ("max_unpacked_mb", "--max-unpacked-mb", "BACKEND_AI_MAX_UNPACKED_MB", _int_in(1, 1 << 22),
+     "largest unpacked release accepted"),
+    ("command_timeout", "--command-timeout", "BACKEND_AI_COMMAND_TIMEOUT", _seconds(3600),
+     "seconds a systemctl start/stop/restart may take before the API answers 504"),
+    ("max_members", "--max-members", "BACKEND_AI_MAX_MEMBERS", _int_in(1, 10_000_000),
+     "most files a release may hold"),
+]
+
+
+class Settings:
+    """The resolved, validated, frozen configuration of the daemon."""
+
+    def __init__(self, values):
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key, value):
+        raise AttributeError("settings are frozen")
+
+    def token(self):
+        if not self.token_file:
+            return None
+        with open(self.token_file, encoding="utf-8") as f:
+            return f.read().strip()
+
+
+def resolve_settings(flags, environ):
+    """Resolve role default < environment < flag for every option; raise ConfigError on any bad one.
+
+    `flags` maps option names to the command-line value or None."""
+    role = flags.get("role") or environ.get("BACKEND_AI_ROLE", "")
+    if role not in ROLES:
+        raise ConfigError(f"invalid role {role!r}: pass --role hub or --role agent "
+                          "(or set BACKEND_AI_ROLE)")
+    defaults = dict(COMMON_DEFAULTS, **ROLES[role])
+    defaults["state_dir"] = f"/var/lib/backend-ai-manager/{role}"
+    values = {"role": role, "word": ROLES[role]["word"]}
+    for name, flag, env, parse, _help in OPTIONS:
+        if name == "role":
+            continue
+        if flags.get(name) is not None:
+            raw, origin = flags[name], flag
+        elif env in environ:
+            raw, origin = environ[env], env
+        else:
+            raw, origin = defaults[name], "default"
+        if isinstance(raw, bool):
+            raw = "yes" if raw else "no"
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"invalid {flag} ({origin}) {raw!r}: {e}") from None
+    if values["install_dir"] == values["state_dir"] or values["state_dir"].startswith(
+            values["install_dir"].rstrip("/") + "/"):
+        raise ConfigError("--state-dir must be outside --install-dir: "
+                          f"{values['state_dir']!r} is inside {values['install_dir']!r}")
+    return Settings(values)
+
+
+# ============================================================================================
+# Logging: one line per event on stderr; under journald each line carries its priority
+# (<3> error, <4> warning, <6> info: sd-daemon(3), SyslogLevelPrefix= in systemd.exec(5)).
+# ============================================================================================
+
+class JournalFormatter(logging.Formatter):
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def __init__(self, journal):
+        super().__init__("%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s")
+        self.journal = journal
+
+    def format(self, record):
+        text = super().format(record)
+        if not self.journal:
+            return text
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def setup_logging():
+    handler = logging.StreamHandler(sys.stderr)
+    # systemd sets JOURNAL_STREAM when stderr goes to the journal (systemd.exec(5)).
+    handler.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def sd_notify(message):
+    """Send one datagram to $NOTIFY_SOCKET (sd_notify(3)); does nothing without it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+        return False
+
+
+# ============================================================================================
+# Commands: the one place that runs another program. Argument list, small fixed environment
+# (no inherited SYSTEMD_COLORS or pager), timeout that kills the whole process group.
+# ============================================================================================
+
+COMMAND_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8", "TZ": "UTC", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "cat",
+    "PAGER": "cat", "SYSTEMD_LESS": "",
+}
+
+
+class CommandResult:
+    def __init__(self, argv, code, out, err, timed_out):
+        self.argv, self.code, self.out, self.err, self.timed_out = argv, code, out, err, timed_out
+
+    @property
+    def ok(self):
+        return self.code == 0 and not self.timed_out
+
+    def message(self):
+        """systemd's own words for a failure, for the API's error field."""
+        text = (self.err.strip() or self.out.strip() or f"exit status {self.code}")
+        if self.timed_out:
+            return f"'{' '.join(self.argv)}' timed out"
+        return f"'{' '.join(self.argv)}' failed: {text}"
+
+
+def run_command(argv, timeout):
+    """Run argv; return a CommandResult. A timeout kills the process group (subprocess only
+    kills the direct child, so grandchildren would survive)."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=COMMAND_ENV, start_new_session=True)
+    except OSError as e:
+        return CommandResult(argv, 127, "", f"cannot run {argv[0]}: {e.strerror}", False)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        timed_out = True
+    return CommandResult(argv, proc.returncode, out.decode("utf-8", "replace"),
+                         err.decode("utf-8", "replace"), timed_out)
+
+
+# ============================================================================================
+# systemd adapter: systemctl and journalctl for one unit. Parses Key=Value output (the order of
+# `systemctl show -p` is D-Bus order, not -p order) and never maps exit codes to states.
+# ============================================================================================
+
+SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ActiveEnterTimestamp",
+                   "NRestarts", "Result", "Description", "UnitFileState")
+
+
+def parse_show(text):
+    """Parse `systemctl show` output into a dict of property -> string."""
+    props = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            props[key] = value
+    return props
+
+
+def parse_timestamp(text):
+    """'Fri 2026-11-27 21:00:00 UTC' (systemctl with TZ=UTC) -> '2026-11-27T21:00:00Z'; '' -> None."""
+    match = re.match(r"^\w{3} (\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC$", text.strip())
+    if match:
+        return f"{match.group(1)}T{match.group(2)}Z"
+    return text.strip() or None
+
+
+class Systemd:
+    """systemctl/journalctl for one unit. Raises SystemdError (500) or ManagerError 504."""
+    QUERY_TIMEOUT = 15
+
+    def __init__(self, unit, control_timeout=90):
+        self.unit = unit
+        self.control_timeout = control_timeout
+
+    def _check(self, result):
+        if result.timed_out:
+            raise ManagerError(result.message(), status=504)
+        if not result.ok:
+            raise SystemdError(result.message())
+        return result
+
+    def show(self):
+        result = self._check(run_command(
+            ["systemctl", "show", self.unit, "-p", ",".join(SHOW_PROPERTIES)], self.QUERY_TIMEOUT))
+        return parse_show(result.out)
+
+    def status(self):
+        props = self.show()
+        restarts = props.get("NRestarts", "")
+        pid = props.get("MainPID", "0")
+        return {
+            "running": props.get("ActiveState") == "active",
+            "service": self.unit,
+            "load_state": props.get("LoadState"),
+            "active_state": props.get("ActiveState"),
+            "sub_state": props.get("SubState"),
+            "main_pid": int(pid) if pid.isdigit() and pid != "0" else None,
+            "since": parse_timestamp(props.get("ActiveEnterTimestamp", "")),
+            "restarts": int(restarts) if restarts.isdigit() else None,
+            "result": props.get("Result"),
+        }
+
+    def control(self, action):
+        """systemctl start|stop|restart; returns once systemd has finished the job."""
+        if action in ("start", "restart"):
+            # A start asked for explicitly must not be refused by the start rate limit that
+            # earlier restarts or a crash loop used up ("Start request repeated too quickly").
+            run_command(["systemctl", "reset-failed", self.unit], self.QUERY_TIMEOUT)
+        self._check(run_command(["systemctl", action, self.unit], self.control_timeout))
+
+    def logs(self, lines, output="short-iso"):
+        result = self._check(run_command(
+            ["journalctl", "-u", self.unit, "-n", str(lines), "--no-pager", "-o", output],
+            self.QUERY_TIMEOUT))
+        return result.out
+
+
+# ============================================================================================
+# Release download and safe extraction. No tarfile.extract/extractall: their filters are absent
+# on Debian's 3.11.2 and 3.9.2 and have been bypassed repeatedly (CVE-2025-4517, -4330, -4138,
+# CVE-2024-12718). Every member is checked and written by us into a fresh directory.
+# ============================================================================================
+
+CHUNK = 1 << 20
+
+
+class Download:
+    """A streamed HTTP body: counts and hashes every byte, enforces a size limit and a total
+    deadline (urllib's timeout is per socket operation), reports progress."""
+
+    def __init__(self, response, limit, deadline, progress):
+        self.response = response
+        self.limit = limit
+        self.deadline = deadline
+        self.progress = progress
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+        length = response.headers.get("Content-Length")
+        self.total = int(length) if length and length.isdigit() else None
+        if self.total is not None and self.total > limit:
+            raise ReleaseError(f"release is {self.total} bytes, over the limit of {limit} bytes")
+
+    def read(self, size=CHUNK):
+        if time.monotonic() > self.deadline:
+            raise ReleaseError("download took longer than the deadline (--download-timeout)")
+        try:
+            data = self.response.read(min(size, CHUNK))
+        except (OSError, http.client.HTTPException) as e:
+            raise ReleaseError(f"download failed after {self.count} bytes: {e}") from None
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ReleaseError(f"release is over the limit of {self.limit} bytes")
+        self.sha256.update(data)
+        self.progress(self.count, self.total)
+        return data
+
+    def finish(self):
+        """Read to the end; check the byte count against Content-Length (a truncated body ends a
+        read loop silently)."""
+        while self.read():
+            pass
+        if self.total is not None and self.count != self.total:
+            raise ReleaseError(f"download truncated: got {self.count} of {self.total} bytes")
+
+
+class Gunzip:
+    """File-like gzip decoder over a read function. zlib checks the gzip trailer (CRC-32 and
+    length), so a corrupt archive fails here; max_length keeps memory bounded on a bomb."""
+
+    IN_CHUNK = 1 << 16
+
+    def __init__(self, read):
+        self._read = read
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buf = b""
+        self._pos = 0
+        self.count = 0
+
+    def read(self, size=-1):
+        # tarfile asks for 10 KiB at a time: decompress up to 1 MiB at once and hand out slices,
+        # so neither the output nor zlib's unconsumed input is copied again for each small read.
+        if size is None or size < 0:
+            size = CHUNK
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = self._fill(), 0
+        out = self._buf[self._pos:self._pos + size]
+        self._pos += len(out)
+        return out
+
+    def _fill(self):
+        while not self._z.eof:
+            data = self._z.unconsumed_tail or self._read(self.IN_CHUNK)
+            if not data:
+                raise ReleaseError("release archive is truncated (gzip stream ends early)")
+            try:
+                out = self._z.decompress(data, CHUNK)
+            except zlib.error as e:
+                raise ReleaseError(f"release archive is not valid gzip: {e}") from None
+            if out:
+                self.count += len(out)
+                return out
+        return b""
+
+    def finish(self):
+        while self.read():
+            pass
+        if self._z.unused_data or self._read(self.IN_CHUNK):
+            raise ReleaseError("release archive has data after the end of the gzip stream")
+
+
+def member_path(name):
+    """Normalise an archive member name; raise ReleaseError for anything that could leave the
+    destination or is not a plain relative path. Returns the name without './' and trailing '/'."""
+    if "\0" in name:
+        raise ReleaseError(f"archive member {name!r} has a NUL byte")
+    if name.startswith("/"):
+        raise ReleaseError(f"archive member {name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ReleaseError(f"archive member {name!r} has an empty name")
+    if ".." in parts:
+        raise ReleaseError(f"archive member {name!r} contains '..'")
+    for part in parts:
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise ReleaseError(f"archive member {name!r} has a name part over 255 bytes")
+    path = "/".join(parts)
+    if len(path.encode("utf-8", "surrogateescape")) > 4000:
+        raise ReleaseError(f"archive member {name[:80]!r}... has a path over 4000 bytes")
+    return path
+
+
+def link_target_inside(link_path, target, root):
+    """True if symlink `link_path` -> `target` resolves lexically inside `root` ('' is the top)."""
+    if target.startswith("/") or "\0" in target or target == "":
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        return False
+    return root == "" or resolved == root or resolved.startswith(root + "/")
+
+
+class Extractor:
+    """Writes a tar stream into a fresh directory, member by member.
+
+    Regular files: O_CREAT|O_EXCL|O_NOFOLLOW, bytes counted against per-file and total limits,
+    mode 0755 or 0644 (no setuid/setgid/sticky, no archive owners). Directories: created by us.
+    Symlinks: relative, inside the release, created after every file. Hard links: to a file of
+    the release, linked again inside the fresh directory. Everything else is refused, as is any
+    duplicate name or a member whose path passes through a symlink or a file."""
+
+    def __init__(self, dest, max_bytes, max_members, progress=None):
+        self.dest = dest
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.progress = progress or (lambda files, size: None)
+        self.written = 0
+        self.names = set()
+        self.dirs = {""}
+        self.files = set()
+        self.links = {}
+        self.top = set()
+
+    def extract(self, fileobj):
+        """Extract a whole uncompressed tar stream. Returns the release root (relative path: ''
+        or the one wrapping folder)."""
+        os.mkdir(self.dest, 0o755)
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|", errorlevel=2) as archive:
+                for member in archive:
+                    self._member(archive, member)
+        except tarfile.TarError as e:
+            raise ReleaseError(f"release archive is not a valid tar: {e}") from None
+        root = self._root()
+        self._make_links(root)
+        return root
+
+    def _member(self, archive, member):
+        if len(self.names) >= self.max_members:
+            raise ReleaseError(f"release has more than {self.max_members} members")
+        path = member_path(member.name)
+        if path in self.names:
+            raise ReleaseError(f"archive member {path!r} appears twice")
+        self.names.add(path)
+        self.top.add(path.split("/")[0])
+        self._check_parents(path)
+        if member.isdir():
+            self._mkdirs(path)
+        elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):  # not CONTTYPE or sparse
+            self._mkdirs(posixpath.dirname(path))
+            self._write(archive, member, path)
+        elif member.issym():
+            self._mkdirs(posixpath.dirname(path))
+            self.links[path] = member.linkname
+        elif member.islnk():
+            self._mkdirs(posixpath.dirname(path))
+            self._hardlink(path, member.linkname)
+        else:
+            kind = "device" if member.ischr() or member.isblk() else (
+                "FIFO" if member.isfifo() else "special")
+            raise ReleaseError(f"archive member {path!r} is a {kind} file; only files, "
+                               "directories and links are allowed")
+
+    def _check_parents(self, path):
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in self.links:
+                raise ReleaseError(f"archive member {path!r} passes through the symlink {parent!r}")
+            if parent in self.files:
+                raise ReleaseError(f"archive member {path!r} is below the file {parent!r}")
+        if path in self.dirs:
+            raise ReleaseError(f"archive member {path!r} replaces a directory")
+
+    def _mkdirs(self, path):
+        if path in self.dirs:
+            return
+        parent = posixpath.dirname(path)
+        self._mkdirs(parent)
+        os.mkdir(os.path.join(self.dest, path), 0o755)
+        self.dirs.add(path)
+
+    def _write(self, archive, member, path):
+        source = archive.extractfile(member)
+        mode = 0o755 if member.mode & 0o111 else 0o644
+        fd = os.open(os.path.join(self.dest, path),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            while True:
+                data = source.read(CHUNK)
+                if not data:
+                    break
+                self.written += len(data)
+                if self.written > self.max_bytes:
+                    raise ReleaseError(f"release unpacks to more than {self.max_bytes} bytes")
+                _write_all(fd, data)
+        finally:
+            os.close(fd)
+        self.files.add(path)
+        self.progress(len(self.files), self.written)
+
+    def _hardlink(self, path, target):
+        target = member_path(target)
+        if target not in self.files:
+            raise ReleaseError(f"hard link {path!r} points to {target!r}, "
+                               "which is not a file of this release")
+        os.link(os.path.join(self.dest, target), os.path.join(self.dest, path),
+                follow_symlinks=False)
+        self.files.add(path)
+
+    def _root(self):
+        """The release root: '' or the single wrapping folder (npm pack writes 'package/')."""
+        if len(self.top) == 1:
+            (only,) = self.top
+            if only in self.dirs and only != "package.json":
+                return only
+        return ""
+
+    def _make_links(self, root):
+        for path, target in self.links.items():
+            if not link_target_inside(path, target, root):
+                raise ReleaseError(f"symlink {path!r} -> {target!r} points outside the release")
+        for path, target in sorted(self.links.items()):
+            os.symlink(target, os.path.join(self.dest, path))
+        # A lexical check misses a target that goes through another link ('a -> .', 'b -> a/../x'):
+        # resolve each link on disk, now that all exist, and refuse any that leaves the release.
+        top = os.path.realpath(os.path.join(self.dest, root))
+        for path in self.links:
+            real = os.path.realpath(os.path.join(self.dest, path))
+            if real != top and not real.startswith(top + os.sep):
+                raise ReleaseError(f"symlink {path!r} -> {self.links[path]!r} "
+                                   "resolves outside the release")
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_package_json(path):
+    """Return (version, name) from a package.json; raise ReleaseError saying what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+        data = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ReleaseError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ReleaseError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ReleaseError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+        raise ReleaseError(f"{path} has no \"version\" string")
+    name = data.get("name")
+    return data["version"], name if isinstance(name, str) else None
+
+
+def parse_checksum(text):
+    """`sha256sum` output ('<64 hex>  <file>') or a bare digest -> lower-case hex digest."""
+    match = re.match(r"^\s*([0-9a-fA-F]{64})(\s|$)", text)
+    if not match:
+        raise ReleaseError("the .sha256 file holds no SHA-256 digest")
+    return match.group(1).lower()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib follows https->http redirects and forwards headers to other hosts; the NAS is a
+    # plain file server, so a redirect is an error here.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ReleaseError(f"the NAS answered {code} redirect to {newurl}; redirects are not followed")
+
+
+def open_url(url, timeout):
+    """GET url without proxies from the environment or redirects. Returns the response or raises
+    ReleaseError; an HTTP 404 raises FileNotFoundError."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    try:
+        response = opener.open(urllib.request.Request(url, headers={"User-Agent":
+                               f"backend-ai-manager/{__version__}"}), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 404:
+            raise FileNotFoundError(url) from None
+        raise ReleaseError(f"the NAS answered HTTP {e.code} {e.reason} for {url}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise ReleaseError(f"cannot download {url}: {reason}") from None
+    if response.status != 200:
+        response.close()
+        raise ReleaseError(f"the NAS answered HTTP {response.status} for {url}")
+    return response
+
+
+# ============================================================================================
+# Releases: the on-disk layout that makes the switch atomic.
+#
+#   STATE/releases/000007-2.0.11/       complete releases, oldest first by sequence number
+#   STATE/current -> releases/000007-2.0.11      the one switch: a symlink replaced atomically
+#   STATE/staging/                      work in progress (downloads, extraction, deletions)
+#   INSTALL/dist -> STATE/current/dist  one stable link per top-level release entry
+#   INSTALL/config.json                 anything the release does not contain stays as it is
+#
+# A release is written completely, synced, and only then `current` is switched with one
+# rename(2), so the install is the old release or the new one at every instant.
+# ============================================================================================
+
+RELEASE_RE = re.compile(r"^(\d{6})-(.+)$")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _exchange(a, b):
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if unsupported here."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (ImportError, OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+class Releases:
+    """The kept releases, the `current` switch and the install dir's links into it."""
+
+    def __init__(self, install_dir, state_dir):
+        self.install_dir = install_dir
+        self.state_dir = state_dir
+        self.releases_dir = os.path.join(state_dir, "releases")
+        self.current_link = os.path.join(state_dir, "current")
+        self.staging_dir = os.path.join(state_dir, "staging")
+
+    def prepare(self):
+        for path in (self.install_dir, self.state_dir, self.releases_dir, self.staging_dir):
+            os.makedirs(path, 0o755, exist_ok=True)
+
+    # --- reading the layout
+    def ids(self):
+        """Kept release ids, oldest first."""
+        try:
+            names = os.listdir(self.releases_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if RELEASE_RE.match(n))
+
+    def current_id(self):
+        try:
+            return os.path.basename(os.readlink(self.current_link))
+        except OSError:
+            return None
+
+    def previous_id(self):
+        """The newest kept release older than the current one, or None."""
+        current = self.current_id()
+        older = [i for i in self.ids() if current is None or i < current]
+        return older[-1] if older else None
+
+    @staticmethod
+    def version_of(release_id):
+        match = RELEASE_RE.match(release_id or "")
+        return match.group(2) if match else None
+
+    def path(self, release_id):
+        return os.path.join(self.releases_dir, release_id)
+
+    def new_id(self, version):
+        existing = [int(RELEASE_RE.match(i).group(1)) for i in self.ids()]
+        return f"{max(existing, default=0) + 1:06d}-{version}"
+
+    def _link_target(self, entry):
+        return os.path.join(self.current_link, entry)
+
+    def is_ours(self, entry):
+        path = os.path.join(self.install_dir, entry)
+        return os.path.islink(path) and os.readlink(path) == self._link_target(entry)
+
+    # --- changing it
+    def new_staging(self, label):
+        path = os.path.join(self.staging_dir, f"{label}-{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(path, 0o700)
+        return path
+
+    def add(self, tree, version):
+        """Move a complete, synced release tree into releases/; return its id."""
+        release_id = self.new_id(version)
+        os.rename(tree, self.path(release_id))
+        _fsync_dir(self.releases_dir)
+        return release_id
+
+    def switch(self, release_id):
+        """Point `current` at release_id with one atomic rename, durably."""
+        tmp = self.current_link + ".tmp"
+        _remove(tmp)
+        os.symlink(os.path.join("releases", release_id), tmp)
+        os.replace(tmp, self.current_link)
+        _fsync_dir(self.state_dir)
+
+    def discard(self, release_id):
+        """Remove a kept release: renamed out of releases/ first, so a crash never leaves a
+        half-deleted release that could be chosen for a rollback."""
+        trash = os.path.join(self.staging_dir, f"trash-{release_id}-{time.monotonic_ns()}")
+        os.rename(self.path(release_id), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def discard_newer(self):
+        """Remove releases newer than `current`: left by a fetch or a rollback interrupted
+        before it was recorded (a finished job never leaves one)."""
+        current = self.current_id() or ""
+        for release_id in self.ids():
+            if release_id > current:
+                self.discard(release_id)
+
+    def prune(self, keep):
+        """Keep the current release and the `keep` newest older ones."""
+        current = self.current_id()
+        older = [i for i in self.ids() if current is None or i < current]
+        for release_id in older[:-keep] if keep else older:
+            self.discard(release_id)
+
+    def entries_for(self, tree):
+        """The install-dir entries to link for the release at `tree`: its top-level names, and
+        those of the current release (a name the new release drops must not stay a real file)."""
+        names = set(os.listdir(tree))
+        current = self.current_id()
+        if current and os.path.isdir(self.path(current)):
+            names |= set(os.listdir(self.path(current)))
+        return sorted(names)
+
+    def foreign(self, entries):
+        """Entries that exist in the install dir but are not our links: an install made before
+        the manager, or changed by hand."""
+        return [e for e in entries if os.path.lexists(os.path.join(self.install_dir, e))
+                and not self.is_ours(e)]
+
+    def snapshot(self, entries):
+        """Copy the live content of `entries` into a new kept release; return its id."""
+        tree = self.new_staging("snapshot")
+        for entry in entries:
+            live = os.path.join(self.install_dir, entry)
+            if not os.path.exists(live):
+                continue
+            if os.path.isdir(live):
+                shutil.copytree(live, os.path.join(tree, entry), symlinks=True)
+            else:
+                shutil.copy2(live, os.path.join(tree, entry))
+        try:
+            version, _name = read_package_json(os.path.join(tree, "package.json"))
+            version = parse_version(version)
+        except (ReleaseError, BadRequest):
+            version = "unknown"
+        os.sync()
+        return self.add(tree, version)
+
+    def link_entries(self, entries):
+        """Make INSTALL/<entry> our link for each entry. A real entry is exchanged for its link
+        atomically; the caller has made `current` hold the same content first (snapshot)."""
+        for entry in entries:
+            if not self.is_ours(entry):
+                self._link_entry(entry)
+        _fsync_dir(self.install_dir)
+
+    def _link_entry(self, entry):
+        live = os.path.join(self.install_dir, entry)
+        new = os.path.join(self.install_dir, f".{entry}.bam-new")
+        old = os.path.join(self.install_dir, f".{entry}.bam-old")
+        _remove(new)
+        os.symlink(self._link_target(entry), new)
+        if not os.path.lexists(live):
+            os.rename(new, live)
+        elif _exchange(new, live):
+            _remove(new)  # now holds the displaced real entry; the snapshot has its content
+        else:
+            # No RENAME_EXCHANGE on this filesystem: two renames; recover() puts `old` back if
+            # we die between them.
+            os.rename(live, old)
+            os.rename(new, live)
+            _remove(old)
+
+    def recover(self):
+        """Undo what an interrupted run left: staging contents, half-made links, a stray tmp."""
+        _remove(self.current_link + ".tmp")
+        for name in os.listdir(self.staging_dir):
+            _remove(os.path.join(self.staging_dir, name))
+        for name in os.listdir(self.install_dir):
+            match = re.match(r"^\.(.+)\.bam-(new|old)$", name)
+            if not match:
+                continue
+            entry = os.path.join(self.install_dir, match.group(1))
+            if not os.path.lexists(entry):
+                old = os.path.join(self.install_dir, f".{match.group(1)}.bam-old")
+                source = old if os.path.lexists(old) else os.path.join(self.install_dir, name)
+                os.rename(source, entry)
+                log.warning("restored %s after an interrupted swap", entry)
+            for suffix in ("new", "old"):
+                _remove(os.path.join(self.install_dir, f".{match.group(1)}.bam-{suffix}"))
+
+
+# ============================================================================================
+# The update job: one at a time, in a background thread, every step recorded and persisted
+# (STATE/update.json) so GET /update tells the truth after a manager restart.
+#
+#   idle -> downloading -> verifying -> extracting -> swapping -> restarting -> checking
+#        -> succeeded | failed (host unchanged) | rolled_back (new release proved bad; old is back)
+# ============================================================================================
+
+IDLE, DOWNLOADING, VERIFYING, EXTRACTING = "idle", "downloading", "verifying", "extracting"
+SWAPPING, RESTARTING, CHECKING = "swapping", "restarting", "checking"
+SUCCEEDED, FAILED, ROLLED_BACK = "succeeded", "failed", "rolled_back"
+WORKING_STATES = (DOWNLOADING, VERIFYING, EXTRACTING, SWAPPING, RESTARTING, CHECKING)
+SUMMARY_FIELDS = ("action", "state", "version", "from_version", "error", "step", "started_at",
+                  "finished_at", "bytes", "total", "files")
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Unhealthy(Exception):
+    """The restarted service did not prove healthy; the message says why."""
+
+
+class Updater:
+    """Runs updates and rollbacks; owns the update record."""
+
+    LOG_LIMIT = 100
+
+    def __init__(self, settings, systemd, releases):
+        self.settings = settings
+        self.systemd = systemd
+        self.releases = releases
+        self.record_path = os.path.join(settings.state_dir, "update.json")
+        self.lock = threading.Lock()
+        self.thread = None
+        self.record = {"action": None, "state": IDLE, "version": None, "error": None, "log": []}
+        self._last_save = 0.0
+
+    # --- the record
+    def load(self):
+        try:
+            with open(self.record_path, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict) and "state" in data:
+                self.record = data
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable update record %s: %s", self.record_path, e)
+
+    def _save(self):
+        tmp = self.record_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.record_path)
+        self._last_save = time.monotonic()
+
+    def snapshot(self, full=True):
+        with self.lock:
+            record = json.loads(json.dumps(self.record))
+        if not full:
+            record = {k: record.get(k) for k in SUMMARY_FIELDS}
+        return record
+
+    def busy(self):
+        return self.record.get("state") in WORKING_STATES
+
+    def _set(self, state=None, message=None, level=logging.INFO, **fields):
+        with self.lock:
+            if state:
+                self.record["state"] = state
+            self.record.update(fields)
+            if message:
+                self.record["step"] = message
+                self.record["log"] = (self.record.get("log") or [])[-(self.LOG_LIMIT - 1):] + [
+                    {"at": utc_now(), "state": self.record["state"], "message": message}]
+            if self.record["state"] not in WORKING_STATES and not self.record.get("finished_at"):
+                self.record["finished_at"] = utc_now()
+            self._save()
+        if message:
+            log.log(level, "%s %s: %s", self.record.get("action"), self.record["state"], message)
+            sd_notify(f"STATUS={self.record.get('action')} {self.record['state']}: {message}")
+
+    def _progress(self, done, total):
+        with self.lock:
+            self.record["bytes"], self.record["total"] = done, total
+            if time.monotonic() - self._last_save > 1.0:
+                self._save()
+
+    def _files(self, files, _size):
+        with self.lock:
+            self.record["files"] = files
+
+    # --- starting jobs (called by the API)
+    def start_update(self, version):
+        return self._start("update", version, None)
+
+    def start_rollback(self):
+        target = self.releases.previous_id()
+        if target is None:
+            raise Conflict("no previous release to roll back to")
+        return self._start("rollback", self.releases.version_of(target), target)
+
+    def _start(self, action, version, target):
+        with self.lock:
+            if self.record.get("state") in WORKING_STATES:
+                raise Conflict(f"an {self.record.get('action')} to version "
+                               f"{self.record.get('version')} is already running "
+                               f"({self.record.get('state')})")
+            current = self.releases.current_id()
+            self.record = {
+                "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
+                "version": version, "from_version": installed_version(self.settings)[0],
+                "error": None, "step": None, "started_at": utc_now(), "finished_at": None,
+                "bytes": 0, "total": None, "files": 0, "target": target,
+                "fallback": current, "touched": False, "log": [],
+            }
+            self._save()
+            self.thread = threading.Thread(target=self._run, name=action, daemon=True)
+            self.thread.start()
+        return self.snapshot(full=False)
+
+    def _run(self):
+        action = self.record["action"]
+        try:
+            if action == "update":
+                self._install(tree=self._fetch(self.record["version"]))
+            else:
+                self._install(target=self.record["target"])
+        except ReleaseError as e:
+            self._set(FAILED, f"{e}; nothing was changed", logging.ERROR, error=str(e))
+        except Unhealthy as e:
+            self._roll_back(str(e))
+        except Exception as e:  # an unexpected fault must still leave a complete install
+            log.exception("%s failed unexpectedly", action)
+            if self.record.get("touched"):
+                self._roll_back(f"internal error: {e}")
+            else:
+                self._set(FAILED, f"internal error: {e}; nothing was changed", logging.ERROR,
+                          error=f"internal error: {e}")
+
+    # --- the steps
+    def _fetch(self, version):
+        """Download, verify and extract a release into staging/; return the synced tree's path.
+        It gets its release id only when it is switched in, so ids follow the install order."""
+        s = self.settings
+        url = s.nas_url.replace("{version}", version)
+        deadline = time.monotonic() + s.download_timeout
+        per_op = max(1.0, min(30.0, s.download_timeout))
+        expected = self._checksum(url, per_op)
+        self._set(DOWNLOADING, f"downloading {url}")
+        staging = self.releases.new_staging("release")
+        try:
+            response = open_url(url, per_op)
+        except FileNotFoundError:
+            raise ReleaseError(f"the NAS has no release {version}: {url} answered 404") from None
+        with response:
+            download = Download(response, s.max_download_mb << 20, deadline, self._progress)
+            gunzip = Gunzip(download.read)
+            extractor = Extractor(os.path.join(staging, "tree"), s.max_unpacked_mb << 20,
+                                  s.max_members, self._files)
+            # Download, decompression and extraction overlap in one pass; nothing outside
+            # staging/ is touched until every check below has passed.
+            root = extractor.extract(gunzip)
+            self._set(VERIFYING, f"verifying {download.count} bytes, {len(extractor.files)} files")
+            gunzip.finish()
+            download.finish()
+        digest = download.sha256.hexdigest()
+        if expected and digest != expected:
+            raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
+                               f"the .sha256 file says {expected}")
+        tree = os.path.join(staging, "tree", root)
+        found, _name = read_package_json(os.path.join(tree, "package.json"))
+        if found != version:
+            raise ReleaseError(f"the release's package.json says version {found!r}, "
+                               f"not {version!r}")
+        if not os.path.isdir(os.path.join(tree, "dist")):
+            raise ReleaseError("the release has no dist/ folder")
+        self._set(EXTRACTING, f"syncing {len(extractor.files)} files to disk",
+                  sha256=digest)
+        os.sync()  # one sync for the whole tree is far cheaper than a fsync per file
+        return tree
+
+    def _checksum(self, url, timeout):
+        try:
+            with open_url(url + ".sha256", timeout) as response:
+                text = response.read(4096).decode("ascii", "replace")
+        except FileNotFoundError:
+            if self.settings.require_checksum:
+                raise ReleaseError(f"no checksum file {url}.sha256 and --require-checksum "
+                                   "is set") from None
+            return None
+        return parse_checksum(text)
+
+    def _install(self, tree=None, target=None):
+        """Switch in a fetched tree or a kept release id, restart, check; raises Unhealthy if
+        it does not hold."""
+        releases = self.releases
+        self._set(SWAPPING, f"switching to version {self.record['version']}", touched=True)
+        entries = releases.entries_for(tree or releases.path(target))
+        if releases.foreign(entries):
+            # First update of an install made without the manager: keep the live files as a
+            # release, serve them through the links, then switch like any other update.
+            snapshot = releases.snapshot(entries)
+            self._set(message=f"kept the live install as release {snapshot}", fallback=snapshot)
+            releases.switch(snapshot)
+        if tree:
+            target = releases.add(tree, self.record["version"])
+            self._set(message=f"added release {target}", target=target)
+        releases.link_entries(entries)
+        releases.switch(target)
+        self._restart_and_check()
+        left = self.record.get("fallback")
+        if self.record["action"] == "rollback" and left and left in releases.ids():
+            releases.discard(left)  # so the next rollback goes one further back
+        releases.prune(self.settings.keep_backups)
+        self._set(SUCCEEDED, f"version {self.record['version']} is running", error=None)
+
+    def _restart_and_check(self):
+        self._set(RESTARTING, f"restarting {self.systemd.unit}")
+        try:
+            self.systemd.control("restart")
+        except ManagerError as e:
+            raise Unhealthy(e.message) from None
+        settle = self.settings.settle
+        self._set(CHECKING, f"checking that {self.systemd.unit} stays active for {settle:g} s")
+        self.check_health(settle)
+
+    def check_health(self, settle):
+        """Raise Unhealthy unless the unit stays active with the same main PID for `settle`
+        seconds and the health URL (if any) answers 2xx."""
+        first = props = self.systemd.show()
+        deadline = time.monotonic() + settle
+        while True:
+            if props.get("ActiveState") != "active":
+                raise Unhealthy(f"{self.systemd.unit} is {props.get('ActiveState')} "
+                                f"({props.get('SubState')}): {self._last_lines()}")
+            if props.get("MainPID") != first.get("MainPID") or \
+                    props.get("NRestarts") != first.get("NRestarts"):
+                raise Unhealthy(f"{self.systemd.unit} restarted during the settle time: "
+                                f"{self._last_lines()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(0.5, left))
+            props = self.systemd.show()
+        if self.settings.health_url:
+            self._check_url(self.settings.health_url, max(10.0, settle))
+
+    def _check_url(self, url, within):
+        deadline = time.monotonic() + within
+        error = None
+        while time.monotonic() < deadline:
+            try:
+                request = urllib.request.Request(url)
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(request, timeout=5) as response:
+                    if 200 <= response.status < 300:
+                        return
+                    error = f"HTTP {response.status}"
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}"
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+                error = str(getattr(e, "reason", e))
+            time.sleep(0.5)
+        raise Unhealthy(f"health URL {url} did not answer 2xx within {within:g} s: {error}")
+
+    def _last_lines(self, lines=5):
+        try:
+            text = self.systemd.logs(lines, output="cat")
+        except ManagerError as e:
+            return f"(no logs: {e.message})"
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:]) or "(no log lines)"
+
+    def _roll_back(self, reason):
+        """Put the fallback release back and restart it; record why."""
+        target, fallback = self.record.get("target"), self.record.get("fallback")
+        self._set(message=f"unhealthy: {reason}", level=logging.ERROR)
+        if not fallback or fallback not in self.releases.ids():
+            self._set(FAILED, "no previous release to roll back to; the new release stays",
+                      logging.ERROR, error=reason)
+            return
+        try:
+            self.releases.switch(fallback)
+            if self.record["action"] == "update" and target and target in self.releases.ids():
+                self.releases.discard(target)
+            self._set(message=f"restarting release {fallback}")
+            self.systemd.control("restart")
+            self.check_health(min(self.settings.settle, 5.0))
+            self._set(ROLLED_BACK, f"rolled back to release {fallback}", logging.WARNING,
+                      error=reason)
+        except (ManagerError, Unhealthy, OSError) as e:  # the record stays truthful
+            problem = getattr(e, "message", str(e))
+            self._set(ROLLED_BACK, f"rolled back to release {fallback}, but it is not healthy "
+                      f"either: {problem}", logging.ERROR, error=f"{reason}; after the rollback: "
+                      f"{problem}")
+
+    # --- start-up recovery
+    def recover(self):
+        """Finish what a crash interrupted: clean staging and half-made links; if the job had
+        started changing the install, put the fallback release back and restart it."""
+        self.releases.prepare()
+        self.load()
+        self.releases.recover()
+        try:
+            self._recover_job()
+        finally:
+            self.releases.discard_newer()
+
+    def _recover_job(self):
+        state = self.record.get("state")
+        if state not in WORKING_STATES:
+            return
+        why = f"the manager stopped during '{state}'"
+        if not self.record.get("touched"):
+            self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
+            return
+        fallback = self.record.get("fallback")
+        if fallback and fallback in self.releases.ids():
+            if self.releases.current_id() != fallback:
+                self.releases.switch(fallback)
+            try:
+                self.systemd.control("restart")
+            except ManagerError as e:
+                why += f"; restarting the service failed: {e.message}"
+            self._set(ROLLED_BACK, f"{why}; release {fallback} was restored", logging.WARNING,
+                      error=why)
+        else:
+            self._set(FAILED, f"{why}; there was no previous release to restore",
+                      logging.ERROR, error=why)
+
+
+def installed_version(settings):
+    """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
+    try:
+        return read_package_json(os.path.join(settings.install_dir, "package.json"))
+    except ReleaseError as e:
+        raise ManagerError(f"cannot read the installed version: {e}") from None
+
+
+# ============================================================================================
+# HTTP API: a routing table; every answer is JSON; every error has one shape.
+# ============================================================================================
+
+MAX_BODY = 4096
+
+
+class Request:
+    def __init__(self, method, path, query, body, client):
+        self.method, self.path, self.query, self.body, self.client = \
+            method, path, query, body, client
+
+    def json(self):
+        try:
+            data = json.loads(self.body.decode("utf-8") if self.body else "")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object")
+        return data
+
+
+class Api:
+    """The endpoints; each takes a Request and returns (status, dict)."""
+
+    def __init__(self, settings, systemd, updater):
+        self.settings = settings
+        self.systemd = systemd
+        self.updater = updater
+        self.routes = {
+            ("GET", "/status"): self.status,
+            ("POST", "/start"): lambda r: self.control("start"),
+            ("POST", "/stop"): lambda r: self.control("stop"),
+            ("POST", "/restart"): lambda r: self.control("restart"),
+            ("POST", "/update"): self.update,
+            ("GET", "/update"): self.update_progress,
+            ("POST", "/rollback"): self.rollback,
+            ("GET", "/version"): self.version,
+            ("GET", "/logs"): self.logs,
+        }
+
+    def status(self, request):
+        result = self.systemd.status()
+        try:
+            result["version"], result["name"] = installed_version(self.settings)
+        except ManagerError as e:
+            result["version"], result["name"], result["version_error"] = None, None, e.message
+        result["update"] = self.updater.snapshot(full=False)
+        result["manager"] = {"version": __version__, "role": self.settings.role}
+        return 200, result
+
+    def control(self, action):
+        if self.updater.busy():
+            raise Conflict(f"cannot {action} {self.systemd.unit} while an update is running")
+        before = self.systemd.show().get("ActiveState")
+        self.systemd.control(action)
+        after = self.systemd.show().get("ActiveState")
+        changed = action == "restart" or before != after
+        return 200, {"success": True, "action": action, "service": self.systemd.unit,
+                     "changed": changed, "active_state": after}
+
+    def update(self, request):
+        version = parse_version(request.json().get("version"))
+        record = self.updater.start_update(version)
+        word = self.settings.word
+        return 200, {"success": True, "message": f"{word} update to version {version} started",
+                     "update": record}
+
+    def update_progress(self, request):
+        return 200, self.updater.snapshot(full=True)
+
+    def rollback(self, request):
+        record = self.updater.start_rollback()
+        return 200, {"success": True, "message": f"{self.settings.word} rollback to version "
+                     f"{record['version']} started", "update": record}
+
+    def version(self, request):
+        version, name = installed_version(self.settings)
+        return 200, {"version": version, "name": name}
+
+    def logs(self, request):
+        values = request.query.get("lines", ["50"])
+        if len(values) != 1 or not re.fullmatch(r"[0-9]{1,5}", values[0]) \
+                or not 1 <= int(values[0]) <= 10000:
+            raise BadRequest(f"invalid lines {values!r}: expected one whole number from 1 to 10000")
+        lines = int(values[0])
+        return 200, {"service": self.systemd.unit, "lines": lines,
+                     "logs": self.systemd.logs(lines)}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routing, body rules, access control and the one JSON error shape."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"backend-ai-manager/{__version__}"
+    sys_version = ""
+    timeout = 15  # an idle connection is closed after this many seconds
+
+    def __getattr__(self, name):
+        # Every method token reaches the router, so an unknown method is a 404 or 405 with
+        # `Allow`, never http.server's 501.
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
+
+    def _dispatch(self, method):
+        api = self.server.api
+        headers = {}
+        try:
+            parts = urllib.parse.urlsplit(self.path)
+            self._access(api.settings)
+            body = self._body()
+            methods = sorted(m for (m, p) in api.routes if p == parts.path)
+            if not methods:
+                raise ManagerError(f"no such endpoint: {parts.path}", status=404)
+            if method not in methods:
+                raise ManagerError(f"{method[:20]} is not allowed on {parts.path}; use "
+                                   f"{', '.join(methods)}", status=405,
+                                   headers={"Allow": ", ".join(methods)})
+            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+            status, payload = api.routes[(method, parts.path)](
+                Request(method, parts.path, query, body, self.client_address[0]))
+        except ManagerError as e:
+            status, payload, headers = e.status, {"success": False, "error": e.message}, e.headers
+            if status >= 400 and status != 409:
+                log.warning("%s %s -> %d %s", method, self.path[:200], status, e.message)
+        except Exception as e:
+            log.exception("%s %s failed", method, self.path[:200])
+            status, payload = 500, {"success": False, "error": f"internal error: {e}"}
+        self._send(status, payload, headers, head=(method == "HEAD"))
+
+    def _access(self, settings):
+        if settings.allow:
+            address = ipaddress.ip_address(self.client_address[0])
+            if address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if not any(address in net for net in settings.allow):
+                raise ManagerError(f"client {address} is not in the allow list", status=403)
+        token = settings.token()
+        if token:
+            given = self.headers.get("Authorization", "")
+            expected = f"Bearer {token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise ManagerError("missing or wrong bearer token", status=401,
+                                   headers={"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
+
+    def _body(self):
+        """Read exactly Content-Length bytes; anything else would be parsed as the next request."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest("Transfer-Encoding is not supported; send Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return b""
+        if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
+            self.close_connection = True
+            raise BadRequest(f"invalid Content-Length {lengths!r}")
+        length = int(lengths[0])
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ManagerError(f"request body of {length} bytes is over the limit of "
+                               f"{MAX_BODY} bytes", status=413)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise BadRequest("request body ended before Content-Length bytes")
+        return body
+
+    def _send(self, status, payload, headers, head=False):
+        data = (json.dumps(payload) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, header too long) as JSON too
+        self.close_connection = True
+        self._send(code, {"success": False, "error": message or self.responses.get(code, ("",))[0]},
+                   {})
+
+    def log_message(self, fmt, *args):
+        log.info("%s %s", self.client_address[0], fmt % args)
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, settings, api):
+        self.api = api
+        family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
+        self.address_family = family
+        super().__init__((settings.bind, settings.port), Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind() calls socket.getfqdn(): reverse DNS that hangs where DNS is broken.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one clear line and a non-zero exit, as API.md asks
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    parser = _Parser(prog="backend_ai_manager.py",
+                     description="Control one systemd service over HTTP (backend-ai-manager).")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon")
+    for name, flag, env, parse, text in OPTIONS:
+        if name == "require_checksum":
+            serve.add_argument(flag, dest=name, action="store_const", const=True, default=None,
+                               help=f"{text} (${env})")
+        else:
+            serve.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
+                               choices=list(ROLES) if name == "role" else None)
+    return parser
+
+
+def serve(settings):
+    setup_logging()
+    systemd = Systemd(settings.service, settings.command_timeout)
+    releases = Releases(settings.install_dir, settings.state_dir)
+    updater = Updater(settings, systemd, releases)
+    try:
+        updater.recover()
+    except OSError as e:
+        log.error("cannot prepare %s: %s", settings.state_dir, e)
+        return 1
+    api = Api(settings, systemd, updater)
+    try:
+        server = Server(settings, api)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", settings.bind, settings.port, e.strerror)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())  # only set the Event: see serve_forever()
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
+             settings.service, settings.bind, settings.port)
+    sd_notify("READY=1\nSTATUS=listening")
+    while not stop.wait(3600):
+        pass
+    log.info("stopping")
+    sd_notify("STOPPING=1")
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    try:
+        settings = resolve_settings(vars(args), os.environ)
+    except ConfigError as e:
+        print(f"backend_ai_manager.py: error: {e}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real systemd sandbox (session-wide) and the NAS on loopback."""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import sandbox as sandbox_mod  # noqa: E402
+from support import REPO, Nas  # noqa: E402
+
+# The sandbox hides /tmp behind a tmpfs, so everything it must see lives under the checkout.
+WORK = os.path.join(REPO, ".sandbox")
+
+
+def need_sandbox():
+    """Skip with a one-line reason where a real systemd cannot be booted; under CI=true that is a
+    failure, never a skip (a skipped end-to-end test must not pass CI)."""
+    reason = sandbox_mod.unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the systemd sandbox cannot run: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def work_dir():
+    path = os.path.join(WORK, f"tests-{os.getpid()}")
+    os.makedirs(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox(work_dir):
+    need_sandbox()
+    sb = sandbox_mod.Sandbox(os.path.join(work_dir, "systemd"))
+    sb.start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="session")
+def nas(work_dir):
+    server = Nas(os.path.join(work_dir, "nas")).start()
+    yield server
+    server.stop()

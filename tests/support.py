@@ -1,0 +1,362 @@
+"""Real components for the tests and the demo: release tarballs, a NAS on loopback, a demo service.
+
+Imported by tests/conftest.py, tests/demo.py and bench/ with `sys.path.insert(0, tests_dir)`.
+Standard library only.
+"""
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import tarfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MANAGER = os.path.join(REPO, "backend_ai_manager.py")
+
+# The demo service a release carries in dist/server.py: an HTTP server on $PORT (loopback) that
+# says which version it runs (read from its own package.json) and the greeting from the install
+# dir's config.json, a file the release does not contain and an update must keep.
+SERVER_PY = r'''
+import http.server, json, os, sys
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "..", "package.json")) as f:
+    PACKAGE = json.load(f)
+try:
+    with open("config.json") as f:   # in WorkingDirectory=, the install dir
+        GREETING = json.load(f).get("greeting")
+except OSError:
+    GREETING = None
+if os.environ.get("DEMO_CRASH_AT_START"):
+    print("demo service: crashing at start as configured", flush=True)
+    sys.exit(3)
+BODY = json.dumps({"name": PACKAGE["name"], "version": PACKAGE["version"], "greeting": GREETING,
+                   "code": CODE_MARK}).encode()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+
+port = int(os.environ.get("PORT", "3000"))
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+print(f"{PACKAGE['name']} {PACKAGE['version']} listening on 127.0.0.1:{port}", flush=True)
+server.serve_forever()
+'''
+
+CRASHING_SERVER_PY = r'''
+import sys
+print("demo service: this release is broken and exits at start", flush=True)
+sys.exit(3)
+'''
+
+
+def server_code(mark, crash=False):
+    return CRASHING_SERVER_PY if crash else SERVER_PY.replace("CODE_MARK", repr(mark))
+
+
+def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=None):
+    """The files of a demo release: {relative path: bytes or ('symlink', target)}."""
+    files = {
+        "package.json": json.dumps({"name": name, "version": version,
+                                    "main": "dist/server.py"}, indent=2).encode() + b"\n",
+        "dist/server.py": server_code(f"server code of {version}", crash).encode(),
+        "dist/api/routes.js": f"// routes of {version}\n".encode(),
+        "node_modules/typescript/package.json": b'{"name": "typescript", "version": "5.4.0"}\n',
+        "node_modules/typescript/bin/tsc": b"#!/usr/bin/env node\nconsole.log('tsc')\n",
+        "node_modules/.bin/tsc": ("symlink", "../typescript/bin/tsc"),
+        "package-lock.json": b"{}\n",
+    }
+    files.update(extra or {})
+    return files
+
+
+def make_tarball(path, files, wrap=None, mode_bits=None):
+    """Write a .tar.gz at `path` holding `files` ({name: bytes | ('symlink', target)});
+    `wrap` puts everything under one folder (as `npm pack` writes 'package/')."""
+    with tarfile.open(path, "w:gz") as tar:
+        dirs = set()
+        for name in sorted(files):
+            full = f"{wrap}/{name}" if wrap else name
+            parts = full.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
+                    tar.addfile(info)
+            content = files[name]
+            info = tarfile.TarInfo(full)
+            info.mtime = time.time()
+            if isinstance(content, tuple) and content[0] == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                info.mode = 0o755 if name.endswith("/tsc") or name.endswith(".sh") else 0o644
+                tar.addfile(info, io.BytesIO(content))
+    return path
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def install_tree(install_dir, files):
+    """Lay out a release directly in an install dir, as an operator did before the manager."""
+    for name, content in files.items():
+        path = os.path.join(install_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(content, tuple):
+            os.symlink(content[1], path)
+        else:
+            with open(path, "wb") as f:
+                f.write(content)
+            if name.endswith("/tsc"):
+                os.chmod(path, 0o755)
+
+
+def tree_digest(root):
+    """A digest of a directory tree as seen through its links: names, kinds, contents, link
+    targets. Two installs with the same digest serve the same release."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(
+                os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            h.update(rel.encode() + b"\0")
+            if os.path.islink(path) and not os.path.isdir(path):
+                h.update(b"L" + os.readlink(path).encode())
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nas:
+    """A real HTTP file server on 127.0.0.1 serving `root` like the fleet's NAS
+    (/api/raw/<version>/<file>), with per-path faults for tests:
+    'hang' (never answers), 'truncate' (sends half the body, then closes), 'status:NNN'."""
+
+    def __init__(self, root):
+        self.root = root
+        self.faults = {}
+        self.requests = []
+        nas = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                nas.requests.append(self.path)
+                fault = nas.faults.get(self.path, "")
+                if fault == "hang":
+                    time.sleep(3600)
+                    return
+                if fault.startswith("status:"):
+                    return self._plain(int(fault[7:]), b"fault injected\n")
+                prefix = "/api/raw/"
+                rel = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                path = os.path.join(nas.root, rel) if rel and ".." not in rel else None
+                if not path or not os.path.isfile(path):
+                    return self._plain(404, b"not found\n")
+                size = os.path.getsize(path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                limit = size // 2 if fault == "truncate" else size
+                with open(path, "rb") as f:
+                    sent = 0
+                    while sent < limit:
+                        block = f.read(min(1 << 20, limit - sent))
+                        if not block:
+                            break
+                        self.wfile.write(block)
+                        sent += len(block)
+                if fault == "truncate":
+                    self.close_connection = True
+
+            def _plain(self, code, body):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url_template(self, kind="hub"):
+        return f"http://127.0.0.1:{self.port}/api/raw/{{version}}/{kind}-{{version}}.tar.gz"
+
+    def path_of(self, version, kind="hub", suffix=""):
+        return f"/api/raw/{version}/{kind}-{version}.tar.gz{suffix}"
+
+    def publish(self, version, files, kind="hub", wrap=None, checksum=True, tarball=None):
+        """Build (or copy) a release tarball into the NAS; returns its local path."""
+        folder = os.path.join(self.root, version)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{kind}-{version}.tar.gz")
+        if tarball is not None:
+            with open(path, "wb") as f:
+                f.write(tarball)
+        else:
+            make_tarball(path, files, wrap=wrap)
+        sums = path + ".sha256"
+        if checksum:
+            with open(sums, "w") as f:
+                f.write(f"{sha256_of(path)}  {os.path.basename(path)}\n")
+        elif os.path.exists(sums):
+            os.unlink(sums)
+        return path
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def unit_text(name):
+    with open(os.path.join(REPO, "systemd", name)) as f:
+        return f.read()
+
+
+class Host:
+    """One managed host inside a systemd sandbox: an install dir holding an existing release (laid
+    out by hand, as before the manager), the example service unit and the real manager unit from
+    systemd/, with the manager run by `python` and configured through its EnvironmentFile."""
+
+    SERVICE = "ai-hub.service"
+    MANAGER_UNIT = "ai-hub-manager.service"
+
+    def __init__(self, sandbox, base, nas, python="/usr/bin/python3", settle=1, env=None):
+        self.sandbox, self.base, self.nas, self.python = sandbox, base, nas, python
+        self.install_dir = os.path.join(base, "install")
+        self.state_dir = os.path.join(base, "state")
+        self.port = free_port()
+        self.service_port = free_port()
+        self.env = {
+            "BACKEND_AI_INSTALL_DIR": self.install_dir, "BACKEND_AI_STATE_DIR": self.state_dir,
+            "BACKEND_AI_PORT": str(self.port), "BACKEND_AI_NAS_URL": nas.url_template("hub"),
+            "BACKEND_AI_SETTLE": str(settle),
+        }
+        self.env.update(env or {})
+
+    def install_base(self, version="2.0.10", greeting="hello from config.json"):
+        os.makedirs(self.install_dir)
+        install_tree(self.install_dir, release_files(version))
+        with open(os.path.join(self.install_dir, "config.json"), "w") as f:
+            json.dump({"greeting": greeting}, f)
+
+    def write_units(self):
+        service = unit_text("example-ai-hub.service").replace(
+            "/opt/backend-ai/hub", self.install_dir).replace(
+            "PORT=3000", f"PORT={self.service_port}")
+        manager = []
+        for line in unit_text("ai-hub-manager.service").splitlines():
+            if line.startswith("ExecStart="):
+                line = f"ExecStart={self.python} {MANAGER} serve"
+            elif line.startswith("EnvironmentFile="):
+                line = f"EnvironmentFile={self.base}/manager.env"
+            manager.append(line)
+        with open(os.path.join(self.base, "manager.env"), "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in self.env.items())
+        self.sandbox.add_unit(self.SERVICE, service)
+        self.sandbox.add_unit(self.MANAGER_UNIT, "\n".join(manager) + "\n")
+
+    def start(self):
+        self.write_units()
+        for unit in (self.SERVICE, self.MANAGER_UNIT):
+            result = self.sandbox.systemctl("start", unit)
+            assert result.returncode == 0, result.stderr
+        self.wait_manager()
+        return self
+
+    def wait_manager(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.api("GET", "/status")
+            except OSError:
+                time.sleep(0.1)
+        log = self.sandbox.run(["journalctl", "-u", self.MANAGER_UNIT, "-n", "30", "--no-pager"])
+        raise RuntimeError(f"manager did not answer on port {self.port}:\n{log.stdout}")
+
+    def stop(self):
+        for unit in (self.MANAGER_UNIT, self.SERVICE):
+            self.sandbox.systemctl("stop", unit)
+            self.sandbox.systemctl("reset-failed", unit)
+
+    def api(self, method, path, body=None, headers=None, timeout=30):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = None if body is None else (body if isinstance(body, bytes) else
+                                          json.dumps(body).encode())
+        try:
+            conn.request(method, path, body=data, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            conn.close()
+
+    def wait_update(self, timeout=90):
+        """Poll GET /update until the job is no longer working; return the record."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, record = self.api("GET", "/update")
+            if record["state"] not in ("downloading", "verifying", "extracting", "swapping",
+                                       "restarting", "checking"):
+                return record
+            time.sleep(0.2)
+        raise AssertionError(f"update still running after {timeout} s: {record}")
+
+    def service_info(self, timeout=10):
+        """What the running service itself says (its version, code and greeting)."""
+        import urllib.request
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.service_port}/",
+                                            timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def is_active(self, unit=None):
+        return self.sandbox.is_active(unit or self.SERVICE)
+
+    def main_pid(self):
+        out = self.sandbox.systemctl("show", self.SERVICE, "-p", "MainPID").stdout
+        return int(out.strip().split("=")[1])

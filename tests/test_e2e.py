@@ -1,0 +1,183 @@
+"""End to end: the real manager, installed from systemd/ai-hub-manager.service into a real systemd
+(with journald) booted in a namespace, controlling a real service, updating it from real tarballs
+served by a real HTTP NAS on loopback. Run once per interpreter: Debian's /usr/bin/python3
+(3.11.2, tarfile without extraction filters), 3.9 and the newest from pyenv.
+
+The tests of one interpreter share one host and run in file order: each step starts from the
+state the previous one left, as an operator's session would."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from support import Host, release_files, tree_digest
+
+INTERPRETERS = {
+    "debian-3.11.2": "/usr/bin/python3",
+    "3.9": "/root/.pyenv/versions/3.9.18/bin/python3",
+    "3.13": "/root/.pyenv/versions/3.13.0/bin/python3",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(INTERPRETERS))
+def host(request, sandbox, nas, work_dir):
+    python = INTERPRETERS[request.param]
+    if not os.access(python, os.X_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {python} is missing")
+        pytest.skip(f"{python} is not installed")
+    for version in ("2.0.11", "2.0.12", "2.0.13"):
+        if not os.path.exists(os.path.join(nas.root, version)):
+            wrap = "package" if version == "2.0.12" else None
+            nas.publish(version, release_files(version, crash=version == "2.0.13"), wrap=wrap)
+    base = os.path.join(work_dir, f"host-{request.param}")
+    os.makedirs(base)
+    h = Host(sandbox, base, nas, python=python, settle=1)
+    h.interpreter = request.param
+    h.install_base("2.0.10")
+    h.start()
+    yield h
+    h.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_manager_runs_under_the_interpreter_given(host):
+    pid = host.sandbox.systemctl("show", host.MANAGER_UNIT, "-p", "MainPID").stdout.split("=")[1]
+    exe = host.sandbox.run(["readlink", f"/proc/{pid.strip()}/exe"]).stdout.strip()
+    assert os.path.realpath(exe) == os.path.realpath(INTERPRETERS[host.interpreter])
+
+
+def test_status_reports_the_real_unit(host):
+    status, body = host.api("GET", "/status")
+    assert status == 200 and body["running"] is True
+    assert body["active_state"] == "active" and body["sub_state"] == "running"
+    assert body["main_pid"] == host.main_pid() > 1
+    assert body["since"].endswith("Z") and body["restarts"] == 0
+    assert body["version"] == "2.0.10" and body["service"] == "ai-hub.service"
+    assert body["update"]["state"] == "idle"
+
+
+def test_stop_start_restart_change_the_real_service(host):
+    status, body = host.api("POST", "/stop")
+    assert (status, body["success"], body["changed"]) == (200, True, True)
+    assert host.is_active() == "inactive"
+    assert host.api("GET", "/status")[1]["running"] is False
+    status, body = host.api("POST", "/stop")
+    assert status == 200 and body["changed"] is False  # idempotent, and says so
+    status, body = host.api("POST", "/start")
+    assert status == 200 and body["changed"] is True and host.is_active() == "active"
+    before = host.main_pid()
+    status, body = host.api("POST", "/restart")
+    assert status == 200 and body["success"] is True
+    assert host.is_active() == "active" and host.main_pid() != before
+    assert host.service_info()["version"] == "2.0.10"
+
+
+def test_logs_hold_the_services_own_output(host):
+    status, body = host.api("GET", "/logs?lines=20")
+    assert status == 200 and body["service"] == "ai-hub.service" and body["lines"] == 20
+    assert f"2.0.10 listening on 127.0.0.1:{host.service_port}" in body["logs"]
+    assert len(body["logs"].splitlines()) <= 20
+    status, body = host.api("GET", "/logs?lines=1")
+    assert len(body["logs"].splitlines()) == 1
+
+
+def test_version_reads_package_json(host):
+    assert host.api("GET", "/version") == (200, {"version": "2.0.10",
+                                                 "name": "@proxmox-ai-control/hub"})
+
+
+def test_errors_are_json_and_change_nothing(host):
+    pid = host.main_pid()
+    assert host.api("GET", "/nope")[0] == 404
+    status, body = host.api("GET", "/restart")
+    assert status == 405 and body["success"] is False
+    assert host.api("POST", "/update", {"version": "../../etc/passwd"})[0] == 400
+    assert host.api("POST", "/update", b"{nope")[0] == 400
+    assert host.api("GET", "/logs?lines=x")[0] == 400
+    assert host.api("POST", "/update", b"{" + b" " * 8000 + b"}")[0] == 413
+    assert host.main_pid() == pid and host.api("GET", "/update")[1]["state"] == "idle"
+
+
+def test_update_installs_the_new_code_and_keeps_config(host):
+    digest_before = tree_digest(host.install_dir)
+    status, body = host.api("POST", "/update", {"version": "2.0.11"})
+    assert status == 200
+    assert body["success"] is True and body["message"] == "Hub update to version 2.0.11 started"
+    record = host.wait_update()
+    assert record["state"] == "succeeded", record
+    assert record["error"] is None and record["version"] == "2.0.11"
+    assert record["from_version"] == "2.0.10" and record["bytes"] == record["total"] > 0
+    steps = [entry["state"] for entry in record["log"]]
+    for state in ("downloading", "verifying", "extracting", "swapping", "restarting", "checking",
+                  "succeeded"):
+        assert state in steps, steps
+    info = host.service_info()
+    assert info["version"] == "2.0.11" and info["code"] == "server code of 2.0.11"
+    assert info["greeting"] == "hello from config.json"  # the install dir's own file was kept
+    assert host.api("GET", "/version")[1]["version"] == "2.0.11"
+    status = host.api("GET", "/status")[1]
+    assert status["version"] == "2.0.11" and status["update"]["state"] == "succeeded"
+    tsc = os.path.join(host.install_dir, "node_modules", ".bin", "tsc")
+    assert os.path.islink(tsc) and os.readlink(tsc) == "../typescript/bin/tsc"
+    assert open(tsc).read().startswith("#!/usr/bin/env node")
+    assert tree_digest(host.install_dir) != digest_before
+    # the release the update replaced is kept for rollback
+    releases = os.listdir(os.path.join(host.state_dir, "releases"))
+    assert any(r.endswith("-2.0.10") for r in releases) and any(r.endswith("-2.0.11")
+                                                                 for r in releases)
+
+
+def test_update_of_a_release_wrapped_in_one_folder(host):
+    assert host.api("POST", "/update", {"version": "2.0.12"})[0] == 200
+    record = host.wait_update()
+    assert record["state"] == "succeeded", record
+    assert host.service_info()["version"] == "2.0.12"
+    assert not os.path.exists(os.path.join(host.install_dir, "package"))
+
+
+def test_a_release_that_crashes_at_start_is_rolled_back(host):
+    assert host.api("POST", "/update", {"version": "2.0.13"})[0] == 200
+    record = host.wait_update()
+    assert record["state"] == "rolled_back", record
+    assert "this release is broken" in record["error"] or "exit" in record["error"], record
+    assert host.is_active() == "active", (record, host.sandbox.run(
+        ["journalctl", "-u", host.SERVICE, "-n", "30", "--no-pager"]).stdout)
+    assert host.service_info()["version"] == "2.0.12"
+    assert host.api("GET", "/version")[1]["version"] == "2.0.12"
+
+
+def test_update_to_a_missing_version_fails_and_changes_nothing(host):
+    digest = tree_digest(host.install_dir)
+    pid = host.main_pid()
+    assert host.api("POST", "/update", {"version": "9.9.9"})[0] == 200
+    record = host.wait_update()
+    assert record["state"] == "failed" and "404" in record["error"], record
+    assert tree_digest(host.install_dir) == digest and host.main_pid() == pid
+
+
+def test_rollback_goes_to_the_previous_release(host):
+    status, body = host.api("POST", "/rollback")
+    assert status == 200 and "rollback to version 2.0.11" in body["message"]
+    record = host.wait_update()
+    assert record["state"] == "succeeded", record
+    assert host.service_info()["version"] == "2.0.11"
+
+
+def test_the_update_record_survives_a_manager_restart(host):
+    before = host.api("GET", "/update")[1]
+    assert host.sandbox.systemctl("restart", host.MANAGER_UNIT).returncode == 0
+    host.wait_manager()
+    after = host.api("GET", "/update")[1]
+    assert after["state"] == before["state"] == "succeeded"
+    assert after["started_at"] == before["started_at"] and after["action"] == "rollback"
+    assert host.service_info()["version"] == "2.0.11"
+
+
+def test_manager_journal_has_priorities(host):
+    out = host.sandbox.run(["journalctl", "-u", host.MANAGER_UNIT, "-o", "json", "--no-pager"])
+    entries = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    priorities = {e.get("PRIORITY") for e in entries if "update" in str(e.get("MESSAGE"))}
+    assert "6" in priorities and "3" in priorities  # info for steps, error for the bad release

@@ -1,0 +1,253 @@
+"""The HTTP layer on a real server on port 0, with a stand-in for systemd (the end-to-end tests
+use the real one): routing, the error table, body rules, access control."""
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import backend_ai_manager as bam
+from support import Nas, release_files
+
+
+class FakeSystemd:
+    """Records calls; answers like systemctl for a unit that starts and stops."""
+
+    def __init__(self, unit="ai-hub.service"):
+        self.unit = unit
+        self.active = True
+        self.calls = []
+        self.fail = None
+
+    def show(self):
+        return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
+                "MainPID": "42" if self.active else "0", "NRestarts": "0", "LoadState": "loaded",
+                "ActiveEnterTimestamp": "Fri 2026-11-27 21:00:05 UTC"}
+
+    def status(self):
+        return bam.Systemd.status(self)
+
+    def control(self, action):
+        self.calls.append(action)
+        if self.fail:
+            raise self.fail
+        self.active = action != "stop"
+
+    def logs(self, lines):
+        return "\n".join(f"line {i}" for i in range(lines))
+
+
+class Running:
+    def __init__(self, tmp_path, **overrides):
+        install = tmp_path / "install"
+        install.mkdir()
+        (install / "package.json").write_text(json.dumps(
+            {"name": "@proxmox-ai-control/hub", "version": "2.0.10"}))
+        values = {"role": "hub", "install_dir": str(install), "state_dir": str(tmp_path / "state"),
+                  "settle": "0", "port": "1"}
+        values.update(overrides)
+        flags = {name: values.get(name) for name, *_ in bam.OPTIONS}
+        settings = bam.resolve_settings(flags, {})
+        settings = bam.Settings(dict(vars(settings), port=0))
+        self.systemd = FakeSystemd()
+        releases = bam.Releases(settings.install_dir, settings.state_dir)
+        self.updater = bam.Updater(settings, self.systemd, releases)
+        self.updater.recover()
+        self.server = bam.Server(settings, bam.Api(settings, self.systemd, self.updater))
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+        conn.close()
+        return response.status, (json.loads(raw) if raw else None), response
+
+    def raw(self, data, read_until_close=True):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def srv(tmp_path):
+    running = Running(tmp_path)
+    yield running
+    running.close()
+
+
+def test_seed_formats(srv):
+    status, body, _ = srv.request("GET", "/status")
+    assert status == 200 and body["running"] is True
+    assert body["version"] == "2.0.10" and body["update"]["state"] == "idle"
+    assert body["since"] == "2026-11-27T21:00:05Z" and body["main_pid"] == 42
+    for action in ("stop", "start", "restart"):
+        status, body, _ = srv.request("POST", f"/{action}")
+        assert status == 200 and body["success"] is True
+    assert srv.systemd.calls == ["stop", "start", "restart"]
+    status, body, _ = srv.request("GET", "/version")
+    assert (status, body) == (200, {"version": "2.0.10", "name": "@proxmox-ai-control/hub"})
+    status, body, _ = srv.request("GET", "/logs?lines=3")
+    assert status == 200 and body == {"service": "ai-hub.service", "lines": 3,
+                                      "logs": "line 0\nline 1\nline 2"}
+    status, body, _ = srv.request("GET", "/logs")
+    assert body["lines"] == 50
+
+
+def test_start_and_stop_say_whether_anything_changed(srv):
+    _, body, _ = srv.request("POST", "/start")
+    assert body["changed"] is False and body["active_state"] == "active"
+    _, body, _ = srv.request("POST", "/stop")
+    assert body["changed"] is True and body["active_state"] == "inactive"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nope", 404), ("GET", "/status/", 404), ("POST", "/", 404),
+    ("POST", "/status", 405), ("GET", "/start", 405), ("DELETE", "/update", 405),
+    ("PUT", "/logs", 405), ("BREW", "/status", 405),
+])
+def test_unknown_paths_and_wrong_methods(srv, method, path, status):
+    code, body, response = srv.request(method, path)
+    assert code == status and body["success"] is False and body["error"]
+    if status == 405:
+        assert response.getheader("Allow")
+        assert method not in response.getheader("Allow")
+    assert srv.systemd.calls == []
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"not json", "not valid JSON"), (b"[1]", "JSON object"), (b"{}", "invalid version"),
+    (b'{"version": "../../etc"}', "invalid version"), (b'{"version": 2}', "invalid version"),
+    (b'{"version": "' + b"1" * 100 + b'"}', "invalid version"), (b"\xff\xfe", "not valid JSON"),
+])
+def test_bad_update_requests_are_400_and_change_nothing(srv, body, words):
+    code, answer, _ = srv.request("POST", "/update", body=body)
+    assert code == 400 and words in answer["error"]
+    assert srv.updater.snapshot()["state"] == "idle"
+
+
+@pytest.mark.parametrize("query", ["lines=0", "lines=abc", "lines=-5", "lines=1_0", "lines=99999",
+                                   "lines=5&lines=6", "lines=", "lines=%EF%BC%95"])
+def test_bad_lines_are_400(srv, query):
+    code, body, _ = srv.request("GET", f"/logs?{query}")
+    assert code == 400 and "lines" in body["error"]
+
+
+def test_body_over_the_limit_is_413(srv):
+    code, body, _ = srv.request("POST", "/update", body=b"{" + b" " * 10000 + b"}")
+    assert code == 413 and "limit" in body["error"]
+
+
+def test_systemctl_failures_carry_systemds_message(srv):
+    srv.systemd.fail = bam.SystemdError("'systemctl start ai-hub.service' failed: Job for "
+                                        "ai-hub.service failed because the control process exited")
+    code, body, _ = srv.request("POST", "/start")
+    assert code == 500 and "Job for ai-hub.service failed" in body["error"]
+    srv.systemd.fail = bam.ManagerError("'systemctl stop ai-hub.service' timed out", status=504)
+    code, body, _ = srv.request("POST", "/stop")
+    assert code == 504 and "timed out" in body["error"]
+
+
+def test_missing_or_broken_package_json_is_a_clear_error(srv, tmp_path):
+    pkg = tmp_path / "install" / "package.json"
+    pkg.write_text("{broken")
+    code, body, _ = srv.request("GET", "/version")
+    assert code == 500 and "not valid JSON" in body["error"]
+    pkg.unlink()
+    code, body, _ = srv.request("GET", "/version")
+    assert code == 500 and "does not exist" in body["error"]
+    code, body, _ = srv.request("GET", "/status")
+    assert code == 200 and body["version"] is None and "does not exist" in body["version_error"]
+
+
+def test_transfer_encoding_is_refused_and_pipelined_request_is_not_smuggled(srv):
+    answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\nPOST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b" 400 " in answer.split(b"\r\n")[0]
+    assert srv.systemd.calls == []
+    for bad in (b"Content-Length: +5", b"Content-Length: 1_0", b"Content-Length: 5\r\n"
+                b"Content-Length: 5"):
+        answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n\r\nhello")
+        assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request"), answer
+    assert srv.systemd.calls == []
+
+
+def test_a_body_is_read_exactly_so_keep_alive_works(srv):
+    body = b'{"version": "../x"}'
+    two = (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+           b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") % (len(body), body)
+    answer = srv.raw(two)
+    assert answer.count(b"HTTP/1.1 400") == 1 and answer.count(b"HTTP/1.1 200") == 1
+
+
+def test_token_and_allow_list(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    running = Running(tmp_path, token_file=str(token))
+    try:
+        for method, path in (("GET", "/status"), ("POST", "/stop"), ("GET", "/logs")):
+            code, body, response = running.request(method, path)
+            assert code == 401 and response.getheader("WWW-Authenticate").startswith("Bearer")
+            code, _, _ = running.request(method, path, headers={
+                "Authorization": "Bearer s3cret-token-0123456789"})
+            assert code == 200
+            code, _, _ = running.request(method, path, headers={
+                "Authorization": "Bearer s3cret-token-0123456780"})  # same length, wrong
+            assert code == 401
+        assert running.systemd.calls == ["stop"]
+    finally:
+        running.close()
+    (tmp_path / "b").mkdir()
+    running = Running(tmp_path / "b", allow="10.0.0.0/8")
+    try:
+        code, body, _ = running.request("GET", "/status")
+        assert code == 403 and "allow list" in body["error"]
+        code, body, _ = running.request("POST", "/stop")
+        assert code == 403 and running.systemd.calls == []
+    finally:
+        running.close()
+
+
+def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
+    nas = Nas(str(tmp_path / "nas")).start()
+    try:
+        running = Running(tmp_path, nas_url=nas.url_template(), download_timeout="3")
+        nas.publish("2.0.11", release_files("2.0.11"))
+        nas.faults[nas.path_of("2.0.11")] = "hang"
+        code, body, _ = running.request("POST", "/update", {"version": "2.0.11"})
+        assert code == 200 and body["message"] == "Hub update to version 2.0.11 started"
+        code, body, _ = running.request("POST", "/update", {"version": "2.0.12"})
+        assert code == 409 and "already running" in body["error"]
+        for action in ("start", "stop", "restart", "rollback"):
+            code, body, _ = running.request("POST", f"/{action}")
+            assert code == 409, action
+        assert running.systemd.calls == []
+        deadline = time.monotonic() + 40
+        while running.updater.busy() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        code, body, _ = running.request("GET", "/update")
+        assert body["state"] == "failed", body
+        assert "timed out" in body["error"] or "deadline" in body["error"], body
+        running.close()
+    finally:
+        nas.stop()

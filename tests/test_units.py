@@ -1,0 +1,351 @@
+"""Unit tests of the pure parts: settings, parsing, version rules, the extractor and decoders.
+
+These need no systemd; archives are built in the test itself."""
+
+import gzip
+import io
+import json
+import logging
+import os
+import tarfile
+import zlib
+
+import pytest
+
+import backend_ai_manager as bam
+from support import make_tarball, release_files
+
+
+# --- settings -------------------------------------------------------------------------------
+
+def flags(**kw):
+    base = {name: None for name, *_ in bam.OPTIONS}
+    base.update(kw)
+    return base
+
+
+def test_role_defaults_match_the_contract():
+    hub = bam.resolve_settings(flags(role="hub"), {})
+    agent = bam.resolve_settings(flags(role="agent"), {})
+    assert (hub.service, hub.install_dir, hub.bind, hub.port) == \
+        ("ai-hub.service", "/opt/backend-ai/hub", "127.0.0.1", 3081)
+    assert (agent.service, agent.install_dir, agent.bind, agent.port) == \
+        ("ai-agent.service", "/opt/backend-ai/agent", "0.0.0.0", 3081)
+    assert hub.nas_url.endswith("/api/raw/{version}/hub-{version}.tar.gz")
+    assert agent.nas_url.endswith("/api/raw/{version}/agent-{version}.tar.gz")
+    assert (hub.keep_backups, hub.settle, hub.require_checksum) == (3, 5.0, False)
+    assert hub.state_dir.startswith("/var/lib/backend-ai-manager")
+    assert hub.state_dir != agent.state_dir
+
+
+def test_flag_beats_environment_beats_default():
+    env = {"BACKEND_AI_ROLE": "agent", "BACKEND_AI_PORT": "4000", "BACKEND_AI_SETTLE": "2.5",
+           "BACKEND_AI_REQUIRE_CHECKSUM": "yes"}
+    s = bam.resolve_settings(flags(port="5000"), env)
+    assert s.role == "agent" and s.port == 5000 and s.settle == 2.5 and s.require_checksum
+    s = bam.resolve_settings(flags(role="hub"), env)
+    assert s.role == "hub" and s.port == 4000
+    s = bam.resolve_settings(flags(role="hub", require_checksum=True), {})
+    assert s.require_checksum is True
+
+
+@pytest.mark.parametrize("kw, env, words", [
+    ({}, {}, "invalid role"),
+    ({"role": "hub", "port": "0"}, {}, "--port"),
+    ({"role": "hub", "port": "1_0"}, {}, "--port"),
+    ({"role": "hub", "port": "70000"}, {}, "--port"),
+    ({"role": "hub"}, {"BACKEND_AI_PORT": "abc"}, "BACKEND_AI_PORT"),
+    ({"role": "hub", "bind": "localhost"}, {}, "--bind"),
+    ({"role": "hub", "service": "ai-hub"}, {}, "--service"),
+    ({"role": "hub", "service": "x;rm.service"}, {}, "--service"),
+    ({"role": "hub", "install_dir": "relative/dir"}, {}, "--install-dir"),
+    ({"role": "hub", "nas_url": "http://127.0.0.1/hub.tar.gz"}, {}, "{version}"),
+    ({"role": "hub", "nas_url": "ftp://127.0.0.1/{version}"}, {}, "--nas-url"),
+    ({"role": "hub", "keep_backups": "0"}, {}, "--keep-backups"),
+    ({"role": "hub", "settle": "-1"}, {}, "--settle"),
+    ({"role": "hub"}, {"BACKEND_AI_REQUIRE_CHECKSUM": "maybe"}, "BACKEND_AI_REQUIRE_CHECKSUM"),
+    ({"role": "hub", "health_url": "localhost:3000"}, {}, "--health-url"),
+    ({"role": "hub", "token_file": "/nonexistent/token"}, {}, "--token-file"),
+    ({"role": "hub", "allow": "10.0.0.0/8,nonsense"}, {}, "--allow"),
+    ({"role": "hub", "install_dir": "/srv/a", "state_dir": "/srv/a/state"}, {}, "outside"),
+])
+def test_invalid_settings_are_refused_with_the_setting_named(kw, env, words):
+    with pytest.raises(bam.ConfigError) as info:
+        bam.resolve_settings(flags(**kw), env)
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_token_file_and_allow_list_are_parsed(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    s = bam.resolve_settings(flags(role="agent", token_file=str(token),
+                                   allow="127.0.0.0/8, 10.1.2.0/24"), {})
+    assert s.token() == "0123456789abcdef0123"
+    assert [str(n) for n in s.allow] == ["127.0.0.0/8", "10.1.2.0/24"]
+    token.write_text("short\n")
+    with pytest.raises(bam.ConfigError):
+        bam.resolve_settings(flags(role="agent", token_file=str(token)), {})
+
+
+def test_settings_are_frozen():
+    s = bam.resolve_settings(flags(role="hub"), {})
+    with pytest.raises(AttributeError):
+        s.port = 1
+
+
+# --- versions and checksums -------------------------------------------------------------------
+
+@pytest.mark.parametrize("good", ["2.0.11", "1.0.0-rc.1", "2024.01.02+build5", "v3", "a_b"])
+def test_plain_versions_are_accepted(good):
+    assert bam.parse_version(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "../2.0.11", "2.0/11", "2..0", ".2.0", "-rc", "2.0.11\n",
+                                 "x" * 65, None, 2011, ["2.0.11"], "2.0 .11", "%2e%2e"])
+def test_path_like_or_odd_versions_are_refused(bad):
+    with pytest.raises(bam.BadRequest):
+        bam.parse_version(bad)
+
+
+def test_checksum_file_formats():
+    digest = "ab" * 32
+    assert bam.parse_checksum(f"{digest}  hub-2.0.11.tar.gz\n") == digest
+    assert bam.parse_checksum(digest.upper()) == digest
+    for bad in ("", "abc", "zz" * 32, digest + "00"):
+        with pytest.raises(bam.ReleaseError):
+            bam.parse_checksum(bad)
+
+
+# --- systemctl output ---------------------------------------------------------------------------
+
+SHOW_OUTPUT = """Type=simple
+Result=success
+MainPID=4242
+NRestarts=2
+Description=Backend AI Hub
+LoadState=loaded
+ActiveState=active
+SubState=running
+ActiveEnterTimestamp=Fri 2026-11-27 21:00:05 UTC
+UnitFileState=enabled
+ExecStart={ path=/usr/bin/node ; argv[]=/usr/bin/node a=b ; }
+"""
+
+
+def test_parse_show_reads_key_value_lines_in_any_order():
+    props = bam.parse_show(SHOW_OUTPUT)
+    assert props["MainPID"] == "4242" and props["ActiveState"] == "active"
+    assert props["ExecStart"] == "{ path=/usr/bin/node ; argv[]=/usr/bin/node a=b ; }"
+    assert bam.parse_timestamp(props["ActiveEnterTimestamp"]) == "2026-11-27T21:00:05Z"
+    assert bam.parse_timestamp("") is None
+    assert bam.parse_timestamp("n/a") == "n/a"
+
+
+def test_command_runner_kills_the_whole_group_on_timeout(tmp_path):
+    marker = tmp_path / "grandchild-survived"
+    script = f"(sleep 1.5; touch {marker}) & sleep 30"
+    result = bam.run_command(["/bin/sh", "-c", script], timeout=0.5)
+    assert result.timed_out and not result.ok and "timed out" in result.message()
+    import time
+    time.sleep(2)
+    assert not marker.exists()
+
+
+def test_command_runner_uses_a_small_fixed_environment(monkeypatch):
+    monkeypatch.setenv("SYSTEMD_COLORS", "1")
+    result = bam.run_command(["/usr/bin/env"], timeout=5)
+    env = dict(line.split("=", 1) for line in result.out.splitlines())
+    assert env["SYSTEMD_COLORS"] == "0" and env["TZ"] == "UTC" and env["SYSTEMD_PAGER"] == "cat"
+    assert "HOME" not in env
+    missing = bam.run_command(["/nonexistent/systemctl"], timeout=5)
+    assert missing.code == 127 and "cannot run" in missing.message()
+
+
+def test_journal_formatter_prefixes_priorities():
+    fmt = bam.JournalFormatter(journal=True)
+    rec = logging.LogRecord("x", logging.ERROR, "", 0, "line one\nline two", None, None)
+    assert fmt.format(rec) == "<3>line one\n<3>line two"
+    rec = logging.LogRecord("x", logging.WARNING, "", 0, "w", None, None)
+    assert fmt.format(rec) == "<4>w"
+    rec = logging.LogRecord("x", logging.INFO, "", 0, "i", None, None)
+    assert fmt.format(rec) == "<6>i"
+    assert not bam.JournalFormatter(journal=False).format(rec).startswith("<")
+
+
+# --- archive member rules -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("dist/index.js", "dist/index.js"), ("./dist/", "dist"), ("package//a.js", "package/a.js")])
+def test_member_names_are_normalised(name, expected):
+    assert bam.member_path(name) == expected
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "dist/../../x", "a/\0b", "", "./",
+                                  "a/" + "x" * 256, "../evil/../dest/sub/file"])
+def test_dangerous_member_names_are_refused(name):
+    with pytest.raises(bam.ReleaseError):
+        bam.member_path(name)
+
+
+@pytest.mark.parametrize("link, target, root, inside", [
+    ("node_modules/.bin/tsc", "../typescript/bin/tsc", "", True),
+    ("package/node_modules/.bin/tsc", "../typescript/bin/tsc", "package", True),
+    ("package/x", "../y", "package", False),
+    ("a", "../outside", "", False),
+    ("a/b", "../../x", "", False),
+    ("a", "/etc/passwd", "", False),
+    ("a", "", "", False),
+    ("a", ".", "", True),
+])
+def test_symlink_targets_must_stay_inside(link, target, root, inside):
+    assert bam.link_target_inside(link, target, root) is inside
+
+
+# --- the extractor, on hostile archives built here ----------------------------------------------
+
+def tar_stream(members):
+    """members: list of (TarInfo kwargs, data or None) -> an uncompressed tar as a file object."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for fields, data in members:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+def extract(tmp_path, members, max_bytes=1 << 20, max_members=100):
+    dest = str(tmp_path / "out")
+    ex = bam.Extractor(dest, max_bytes, max_members)
+    root = ex.extract(tar_stream(members))
+    return dest, root, ex
+
+
+def f(name, data=b"x", **kw):
+    return (dict(name=name, **kw), data)
+
+
+def d(name):
+    return (dict(name=name, type=tarfile.DIRTYPE, mode=0o755), None)
+
+
+def sym(name, target):
+    return (dict(name=name, type=tarfile.SYMTYPE, linkname=target), None)
+
+
+def hard(name, target):
+    return (dict(name=name, type=tarfile.LNKTYPE, linkname=target), None)
+
+
+def test_a_release_with_links_extracts_with_sane_modes(tmp_path):
+    dest, root, ex = extract(tmp_path, [
+        d("dist"), f("dist/a.js", b"A", mode=0o6755), f("package.json", b"{}", mode=0o666),
+        f("node_modules/typescript/bin/tsc", b"tsc", mode=0o755),
+        sym("node_modules/.bin/tsc", "../typescript/bin/tsc"),
+        hard("dist/b.js", "dist/a.js"),
+    ])
+    assert root == ""
+    assert os.readlink(f"{dest}/node_modules/.bin/tsc") == "../typescript/bin/tsc"
+    assert open(f"{dest}/node_modules/.bin/tsc").read() == "tsc"
+    assert open(f"{dest}/dist/b.js").read() == "A"
+    assert os.stat(f"{dest}/dist/a.js").st_mode & 0o7777 == 0o755  # setuid/setgid dropped
+    assert os.stat(f"{dest}/package.json").st_mode & 0o7777 == 0o644  # no world write
+    assert ex.written == 6
+
+
+def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
+    dest, root, _ = extract(tmp_path, [f("package/package.json", b"{}"),
+                                       f("package/dist/x.js"),
+                                       sym("package/node_modules/.bin/t", "../t/bin")])
+    assert root == "package"
+
+
+@pytest.mark.parametrize("members, words", [
+    ([f("../evil")], "'..'"),
+    ([f("/abs")], "absolute"),
+    ([f("a"), f("a")], "twice"),
+    ([sym("link", "../../etc")], "outside"),
+    ([sym("link", "/etc")], "outside"),
+    ([sym("dir", "."), sym("esc", "dir/../x")], "outside"),
+    ([sym("link", "sub"), d("sub"), f("link/file")], "symlink"),
+    ([f("a"), f("a/b")], "below the file"),
+    ([hard("h", "/etc/passwd")], "absolute"),
+    ([hard("h", "nothere")], "not a file of this release"),
+    ([(dict(name="dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3), None)], "device"),
+    ([(dict(name="blk", type=tarfile.BLKTYPE), None)], "device"),
+    ([(dict(name="fifo", type=tarfile.FIFOTYPE), None)], "FIFO"),
+    ([(dict(name="c", type=tarfile.CONTTYPE), b"x")], "special"),
+    ([f("big", b"x" * 2000)], "more than 1000 bytes"),
+    ([f(f"f{i}") for i in range(6)], "more than 5 members"),
+])
+def test_hostile_members_are_refused(tmp_path, members, words):
+    with pytest.raises(bam.ReleaseError) as info:
+        extract(tmp_path, members, max_bytes=1000, max_members=5)
+    assert words in str(info.value)
+
+
+def test_nothing_is_written_outside_the_destination(tmp_path):
+    for i, members in enumerate(([sym("dir", "."), sym("esc", "dir/../x"), f("esc/y")],
+                                 [f("../x")], [sym("l", ".."), f("l/x")])):
+        sub = tmp_path / str(i)
+        sub.mkdir()
+        with pytest.raises(bam.ReleaseError):
+            extract(sub, members)
+        assert os.listdir(sub) == ["out"]
+
+
+# --- gzip stream ------------------------------------------------------------------------------
+
+def chunks(data, size=100):
+    it = iter(data[i:i + size] for i in range(0, len(data), size))
+    return lambda n: next(it, b"")
+
+
+def test_gunzip_decodes_and_checks_the_trailer():
+    raw = os.urandom(50000) + b"a" * 300000
+    gz = gzip.compress(raw)
+    g = bam.Gunzip(chunks(gz))
+    out = b"".join(iter(lambda: g.read(10240), b""))
+    g.finish()
+    assert out == raw
+    corrupt = bytearray(gz)
+    corrupt[-6] ^= 0xFF  # CRC-32 in the trailer
+    g = bam.Gunzip(chunks(bytes(corrupt)))
+    with pytest.raises(bam.ReleaseError, match="not valid gzip"):
+        while g.read(10240):
+            pass
+    g = bam.Gunzip(chunks(gz[:len(gz) // 2]))
+    with pytest.raises(bam.ReleaseError, match="truncated"):
+        while g.read(10240):
+            pass
+    g = bam.Gunzip(chunks(gz + b"junk"))
+    while g.read():
+        pass
+    with pytest.raises(bam.ReleaseError, match="after the end"):
+        g.finish()
+
+
+def test_gunzip_memory_stays_bounded_on_a_bomb():
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    gz = bomb.compress(b"\0" * (64 << 20)) + bomb.flush()
+    g = bam.Gunzip(chunks(gz, 65536))
+    biggest = max(len(g.read(1 << 30)) for _ in range(20))
+    assert biggest <= bam.CHUNK
+
+
+def test_demo_release_tarball_extracts(tmp_path):
+    path = make_tarball(str(tmp_path / "r.tar.gz"), release_files("2.0.11"), wrap="package")
+    with open(path, "rb") as fh:
+        g = bam.Gunzip(fh.read)
+        ex = bam.Extractor(str(tmp_path / "x"), 1 << 30, 1000)
+        root = ex.extract(g)
+    assert root == "package"
+    pkg = json.load(open(tmp_path / "x" / "package" / "package.json"))
+    assert pkg["version"] == "2.0.11"
