@@ -349,3 +349,28 @@ def test_demo_release_tarball_extracts(tmp_path):
     assert root == "package"
     pkg = json.load(open(tmp_path / "x" / "package" / "package.json"))
     assert pkg["version"] == "2.0.11"
+
+
+# --- the command line, under every supported interpreter ---------------------------------------
+
+PYTHONS = [p for p in ("/usr/bin/python3", "/root/.pyenv/versions/3.9.18/bin/python3",
+                       "/root/.pyenv/versions/3.13.0/bin/python3") if os.path.exists(p)]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("args, env, words", [
+    (["serve"], {}, "invalid role"),
+    (["serve", "--role", "hub", "--port", "99999"], {}, "--port"),
+    (["serve", "--role", "agent"], {"BACKEND_AI_SETTLE": "soon"}, "BACKEND_AI_SETTLE"),
+    (["serve", "--role", "hub", "--bogus"], {}, "unrecognized arguments"),
+    (["serve", "--role", "king"], {}, "invalid choice"),
+])
+def test_bad_settings_stop_the_daemon_with_one_line(python, args, env, words):
+    import subprocess
+    manager = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "backend_ai_manager.py")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BACKEND_AI_")}
+    result = subprocess.run([python, manager] + args, env=dict(clean, **env),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr

@@ -1,0 +1,41 @@
+# backend-ai-manager: `make demo` shows it working, `make test` runs every test.
+PYTHON ?= python3
+PREFIX ?= /usr/local
+DESTDIR ?=
+LIBDIR := $(PREFIX)/lib/backend-ai-manager
+UNITDIR ?= /etc/systemd/system
+# Every supported interpreter found here: Debian's own, and pyenv's 3.9 to 3.13.
+PYTHONS := $(wildcard /usr/bin/python3 $(HOME)/.pyenv/versions/3.9*/bin/python3 \
+	$(HOME)/.pyenv/versions/3.1[0-3]*/bin/python3)
+
+.PHONY: test demo install lint bench clean
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+demo:
+	$(PYTHON) tests/demo.py
+
+install:
+	install -D -m 0755 backend_ai_manager.py $(DESTDIR)$(LIBDIR)/backend_ai_manager.py
+	install -d $(DESTDIR)$(UNITDIR)
+	for unit in ai-hub-manager.service ai-agent-manager.service; do \
+		sed 's|/usr/local/lib/backend-ai-manager|$(LIBDIR)|g' systemd/$$unit \
+			> $(DESTDIR)$(UNITDIR)/$$unit && chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit || exit 1; \
+	done
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now ai-hub-manager (or ai-agent-manager)"
+
+lint:
+	@for py in $(PYTHONS); do \
+		echo "$$py: $$($$py --version 2>&1)"; \
+		$$py -c 'import ast,sys; compile(open("backend_ai_manager.py").read(), "backend_ai_manager.py", "exec")' || exit 1; \
+		$$py backend_ai_manager.py --version >/dev/null || exit 1; \
+	done
+	@$(PYTHON) -c 'import ast,sys; t=ast.parse(open("backend_ai_manager.py").read()); \
+		m={a.name.split(".")[0] for n in ast.walk(t) if isinstance(n,ast.Import) for a in n.names} | \
+		{n.module.split(".")[0] for n in ast.walk(t) if isinstance(n,ast.ImportFrom) and n.module}; \
+		bad=sorted(m-set(sys.stdlib_module_names)); print("imports outside the standard library:", bad) if bad else None; sys.exit(1 if bad else 0)'
+	@echo "lint ok"
+
+clean:
+	rm -rf .sandbox .pytest_cache tests/__pycache__ __pycache__
