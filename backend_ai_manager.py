@@ -76,6 +76,20 @@ class ReleaseError(Exception):
     """A release that cannot be installed (download, checksum, archive or content)."""
 
 
+# Failpoints for the crash tests: BACKEND_AI_FAILPOINT=NAME[:N] makes the manager SIGKILL itself
+# the Nth time it passes failpoint(NAME), to prove that a crash at that instant leaves a complete
+# install that the next start recovers. Unset (always, outside tests) it costs one comparison.
+_FAILPOINT, _, _FAIL_AT = os.environ.get("BACKEND_AI_FAILPOINT", "").partition(":")
+_FAIL_COUNT = [int(_FAIL_AT) if _FAIL_AT.isdigit() else 1]
+
+
+def failpoint(name):
+    if name == _FAILPOINT:
+        _FAIL_COUNT[0] -= 1
+        if _FAIL_COUNT[0] <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ============================================================================================
 # Settings: declared once (flag, environment variable, per-role default, parser), resolved
 # role default < environment < flag, validated before the port is bound.
@@ -109,6 +123,7 @@ COMMON_DEFAULTS = {
     "max_download_mb": "2048",
     "max_unpacked_mb": "8192",
     "max_members": "200000",
+    "max_file_mb": "2048",
     "command_timeout": "90",
 }
 
@@ -240,6 +255,8 @@ OPTIONS = [
      "largest unpacked release accepted"),
     ("command_timeout", "--command-timeout", "BACKEND_AI_COMMAND_TIMEOUT", _seconds(3600),
      "seconds a systemctl start/stop/restart may take before the API answers 504"),
+    ("max_file_mb", "--max-file-mb", "BACKEND_AI_MAX_FILE_MB", _int_in(1, 1 << 22),
+     "largest single file of a release accepted"),
     ("max_members", "--max-members", "BACKEND_AI_MAX_MEMBERS", _int_in(1, 10_000_000),
      "most files a release may hold"),
 ]
@@ -507,6 +524,7 @@ class Download:
             raise ReleaseError(f"release is over the limit of {self.limit} bytes")
         self.sha256.update(data)
         self.progress(self.count, self.total)
+        failpoint("download-chunk")
         return data
 
     def finish(self):
@@ -603,9 +621,10 @@ class Extractor:
     the release, linked again inside the fresh directory. Everything else is refused, as is any
     duplicate name or a member whose path passes through a symlink or a file."""
 
-    def __init__(self, dest, max_bytes, max_members, progress=None):
+    def __init__(self, dest, max_bytes, max_members, progress=None, max_file=None):
         self.dest = dest
         self.max_bytes = max_bytes
+        self.max_file = max_file or max_bytes
         self.max_members = max_members
         self.progress = progress or (lambda files, size: None)
         self.written = 0
@@ -679,12 +698,17 @@ class Extractor:
         mode = 0o755 if member.mode & 0o111 else 0o644
         fd = os.open(os.path.join(self.dest, path),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        size = 0
         try:
             while True:
                 data = source.read(CHUNK)
                 if not data:
                     break
+                size += len(data)
                 self.written += len(data)
+                if size > self.max_file:
+                    raise ReleaseError(f"archive member {path!r} is over the limit of "
+                                       f"{self.max_file} bytes for one file")
                 if self.written > self.max_bytes:
                     raise ReleaseError(f"release unpacks to more than {self.max_bytes} bytes")
                 _write_all(fd, data)
@@ -692,6 +716,7 @@ class Extractor:
             os.close(fd)
         self.files.add(path)
         self.progress(len(self.files), self.written)
+        failpoint("extract-file")
 
     def _hardlink(self, path, target):
         target = member_path(target)
@@ -982,6 +1007,7 @@ class Releases:
         if not os.path.lexists(live):
             os.rename(new, live)
         elif _exchange(new, live):
+            failpoint("link-exchanged")
             _remove(new)  # now holds the displaced real entry; the snapshot has its content
         else:
             # No RENAME_EXCHANGE on this filesystem: two renames; recover() puts `old` back if
@@ -1136,9 +1162,11 @@ class Updater:
 
     def _run(self):
         action = self.record["action"]
+        staging = None
         try:
             if action == "update":
-                self._install(tree=self._fetch(self.record["version"]))
+                staging = self.releases.new_staging("release")
+                self._install(tree=self._fetch(self.record["version"], staging))
             else:
                 self._install(target=self.record["target"])
         except ReleaseError as e:
@@ -1152,9 +1180,12 @@ class Updater:
             else:
                 self._set(FAILED, f"internal error: {e}; nothing was changed", logging.ERROR,
                           error=f"internal error: {e}")
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
 
     # --- the steps
-    def _fetch(self, version):
+    def _fetch(self, version, staging):
         """Download, verify and extract a release into staging/; return the synced tree's path.
         It gets its release id only when it is switched in, so ids follow the install order."""
         s = self.settings
@@ -1163,7 +1194,6 @@ class Updater:
         per_op = max(1.0, min(30.0, s.download_timeout))
         expected = self._checksum(url, per_op)
         self._set(DOWNLOADING, f"downloading {url}")
-        staging = self.releases.new_staging("release")
         try:
             response = open_url(url, per_op)
         except FileNotFoundError:
@@ -1172,7 +1202,7 @@ class Updater:
             download = Download(response, s.max_download_mb << 20, deadline, self._progress)
             gunzip = Gunzip(download.read)
             extractor = Extractor(os.path.join(staging, "tree"), s.max_unpacked_mb << 20,
-                                  s.max_members, self._files)
+                                  s.max_members, self._files, max_file=s.max_file_mb << 20)
             # Download, decompression and extraction overlap in one pass; nothing outside
             # staging/ is touched until every check below has passed.
             root = extractor.extract(gunzip)
@@ -1211,21 +1241,33 @@ class Updater:
         it does not hold."""
         releases = self.releases
         self._set(SWAPPING, f"switching to version {self.record['version']}", touched=True)
+        failpoint("swap-start")
         entries = releases.entries_for(tree or releases.path(target))
         if releases.foreign(entries):
             # First update of an install made without the manager: keep the live files as a
             # release, serve them through the links, then switch like any other update.
             snapshot = releases.snapshot(entries)
+            failpoint("snapshot-added")
             self._set(message=f"kept the live install as release {snapshot}", fallback=snapshot)
             releases.switch(snapshot)
         if tree:
             target = releases.add(tree, self.record["version"])
+            failpoint("release-added")
             self._set(message=f"added release {target}", target=target)
         releases.link_entries(entries)
         releases.switch(target)
+        failpoint("switched")
         self._restart_and_check()
+        self._set(message="healthy; removing old releases", committed=True)
+        failpoint("committed")
+        self._finish()
+
+    def _finish(self):
+        """After the point of no return: drop the release a rollback left, prune, record."""
+        releases = self.releases
         left = self.record.get("fallback")
-        if self.record["action"] == "rollback" and left and left in releases.ids():
+        if self.record["action"] == "rollback" and left and left in releases.ids() \
+                and left != releases.current_id():
             releases.discard(left)  # so the next rollback goes one further back
         releases.prune(self.settings.keep_backups)
         self._set(SUCCEEDED, f"version {self.record['version']} is running", error=None)
@@ -1236,6 +1278,7 @@ class Updater:
             self.systemd.control("restart")
         except ManagerError as e:
             raise Unhealthy(e.message) from None
+        failpoint("restarted")
         settle = self.settings.settle
         self._set(CHECKING, f"checking that {self.systemd.unit} stays active for {settle:g} s")
         self.check_health(settle)
@@ -1296,6 +1339,7 @@ class Updater:
             return
         try:
             self.releases.switch(fallback)
+            failpoint("rollback-switched")
             if self.record["action"] == "update" and target and target in self.releases.ids():
                 self.releases.discard(target)
             self._set(message=f"restarting release {fallback}")
@@ -1328,6 +1372,11 @@ class Updater:
         why = f"the manager stopped during '{state}'"
         if not self.record.get("touched"):
             self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
+            return
+        if self.record.get("committed"):
+            # The new release had proved healthy; only the clean-up was left to do.
+            self._set(message=f"{why}, after the release proved healthy; finishing")
+            self._finish()
             return
         fallback = self.record.get("fallback")
         if fallback and fallback in self.releases.ids():

@@ -39,7 +39,7 @@ BODY = json.dumps({"name": PACKAGE["name"], "version": PACKAGE["version"], "gree
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200)
+        self.send_response(HTTP_STATUS)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(BODY)))
         self.end_headers()
@@ -60,16 +60,19 @@ sys.exit(3)
 '''
 
 
-def server_code(mark, crash=False):
-    return CRASHING_SERVER_PY if crash else SERVER_PY.replace("CODE_MARK", repr(mark))
+def server_code(mark, crash=False, http_status=200):
+    if crash:
+        return CRASHING_SERVER_PY
+    return SERVER_PY.replace("CODE_MARK", repr(mark)).replace("HTTP_STATUS", str(http_status))
 
 
-def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=None):
+def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=None,
+                  http_status=200):
     """The files of a demo release: {relative path: bytes or ('symlink', target)}."""
     files = {
         "package.json": json.dumps({"name": name, "version": version,
                                     "main": "dist/server.py"}, indent=2).encode() + b"\n",
-        "dist/server.py": server_code(f"server code of {version}", crash).encode(),
+        "dist/server.py": server_code(f"server code of {version}", crash, http_status).encode(),
         "dist/api/routes.js": f"// routes of {version}\n".encode(),
         "node_modules/typescript/package.json": b'{"name": "typescript", "version": "5.4.0"}\n',
         "node_modules/typescript/bin/tsc": b"#!/usr/bin/env node\nconsole.log('tsc')\n",

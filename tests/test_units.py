@@ -221,9 +221,9 @@ def tar_stream(members):
     return buf
 
 
-def extract(tmp_path, members, max_bytes=1 << 20, max_members=100):
+def extract(tmp_path, members, max_bytes=1 << 20, max_members=100, max_file=None):
     dest = str(tmp_path / "out")
-    ex = bam.Extractor(dest, max_bytes, max_members)
+    ex = bam.Extractor(dest, max_bytes, max_members, max_file=max_file)
     root = ex.extract(tar_stream(members))
     return dest, root, ex
 
@@ -282,12 +282,13 @@ def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
     ([(dict(name="blk", type=tarfile.BLKTYPE), None)], "device"),
     ([(dict(name="fifo", type=tarfile.FIFOTYPE), None)], "FIFO"),
     ([(dict(name="c", type=tarfile.CONTTYPE), b"x")], "special"),
-    ([f("big", b"x" * 2000)], "more than 1000 bytes"),
+    ([f("big", b"x" * 2000)], "over the limit of 900 bytes for one file"),
+    ([f("a", b"x" * 800), f("b", b"x" * 800)], "more than 1000 bytes"),
     ([f(f"f{i}") for i in range(6)], "more than 5 members"),
 ])
 def test_hostile_members_are_refused(tmp_path, members, words):
     with pytest.raises(bam.ReleaseError) as info:
-        extract(tmp_path, members, max_bytes=1000, max_members=5)
+        extract(tmp_path, members, max_bytes=1000, max_members=5, max_file=900)
     assert words in str(info.value)
 
 
