@@ -656,7 +656,7 @@ class Extractor:
             raise ReleaseError(f"archive member {path!r} appears twice")
         self.names.add(path)
         self.top.add(path.split("/")[0])
-        self._check_parents(path)
+        self._check_parents(path, member.isdir())
         if member.isdir():
             self._mkdirs(path)
         elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):  # not CONTTYPE or sparse
@@ -674,7 +674,7 @@ class Extractor:
             raise ReleaseError(f"archive member {path!r} is a {kind} file; only files, "
                                "directories and links are allowed")
 
-    def _check_parents(self, path):
+    def _check_parents(self, path, is_dir):
         parts = path.split("/")
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
@@ -682,7 +682,7 @@ class Extractor:
                 raise ReleaseError(f"archive member {path!r} passes through the symlink {parent!r}")
             if parent in self.files:
                 raise ReleaseError(f"archive member {path!r} is below the file {parent!r}")
-        if path in self.dirs:
+        if path in self.dirs and not is_dir:  # a folder made for earlier members may be listed
             raise ReleaseError(f"archive member {path!r} replaces a directory")
 
     def _mkdirs(self, path):
@@ -1302,7 +1302,7 @@ class Updater:
             time.sleep(min(0.5, left))
             props = self.systemd.show()
         if self.settings.health_url:
-            self._check_url(self.settings.health_url, max(10.0, settle))
+            self._check_url(self.settings.health_url, settle + 5.0)
 
     def _check_url(self, url, within):
         deadline = time.monotonic() + within
@@ -1379,6 +1379,10 @@ class Updater:
             self._finish()
             return
         fallback = self.record.get("fallback")
+        if not fallback and self.releases.current_id() is None:
+            # A hand-made install whose first update stopped before any switch: still as it was.
+            self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
+            return
         if fallback and fallback in self.releases.ids():
             if self.releases.current_id() != fallback:
                 self.releases.switch(fallback)

@@ -86,7 +86,9 @@ def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=No
 def make_tarball(path, files, wrap=None, mode_bits=None):
     """Write a .tar.gz at `path` holding `files` ({name: bytes | ('symlink', target)});
     `wrap` puts everything under one folder (as `npm pack` writes 'package/')."""
-    with tarfile.open(path, "w:gz") as tar:
+    opened = tarfile.open(path, "w:gz") if isinstance(path, str) else \
+        tarfile.open(fileobj=path, mode="w:gz")
+    with opened as tar:
         dirs = set()
         for name in sorted(files):
             full = f"{wrap}/{name}" if wrap else name
@@ -134,19 +136,16 @@ def install_tree(install_dir, files):
 
 
 def tree_digest(root):
-    """A digest of a directory tree as seen through its links: names, kinds, contents, link
-    targets. Two installs with the same digest serve the same release."""
+    """A digest of the files an install serves: every regular file reached from `root` (through
+    links too) by relative name and content. Directories and the kind of link are left out, so a
+    hand-laid install and the same release served through the manager's links are equal."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(
-                os.path.join(dirpath, d))]:
+        for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            h.update(rel.encode() + b"\0")
-            if os.path.islink(path) and not os.path.isdir(path):
-                h.update(b"L" + os.readlink(path).encode())
-            elif os.path.isfile(path):
+            if os.path.isfile(path):
+                h.update(os.path.relpath(path, root).encode() + b"\0")
                 with open(path, "rb") as f:
                     h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()
@@ -314,6 +313,25 @@ class Host:
                 time.sleep(0.1)
         log = self.sandbox.run(["journalctl", "-u", self.MANAGER_UNIT, "-n", "30", "--no-pager"])
         raise RuntimeError(f"manager did not answer on port {self.port}:\n{log.stdout}")
+
+    def manager_pid(self):
+        out = self.sandbox.systemctl("show", self.MANAGER_UNIT, "-p", "MainPID").stdout
+        return int(out.strip().split("=")[1])
+
+    def restart_manager(self, **env):
+        """Rewrite the manager's EnvironmentFile with `env` on top of the host's settings
+        (a value of None removes a key) and restart the manager unit."""
+        settings = dict(self.env)
+        for key, value in env.items():
+            if value is None:
+                settings.pop(key, None)
+            else:
+                settings[key] = value
+        with open(os.path.join(self.base, "manager.env"), "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in settings.items())
+        result = self.sandbox.systemctl("restart", self.MANAGER_UNIT)
+        assert result.returncode == 0, result.stderr
+        return self.wait_manager()
 
     def stop(self):
         for unit in (self.MANAGER_UNIT, self.SERVICE):

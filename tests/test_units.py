@@ -260,6 +260,11 @@ def test_a_release_with_links_extracts_with_sane_modes(tmp_path):
     assert ex.written == 6
 
 
+def test_a_folder_listed_after_its_files_is_fine(tmp_path):
+    dest, root, _ = extract(tmp_path, [f("dist/a.js"), d("dist")])
+    assert os.path.isfile(f"{dest}/dist/a.js")
+
+
 def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
     dest, root, _ = extract(tmp_path, [f("package/package.json", b"{}"),
                                        f("package/dist/x.js"),
@@ -276,6 +281,7 @@ def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
     ([sym("dir", "."), sym("esc", "dir/../x")], "outside"),
     ([sym("link", "sub"), d("sub"), f("link/file")], "symlink"),
     ([f("a"), f("a/b")], "below the file"),
+    ([f("a/b"), f("a")], "replaces a directory"),
     ([hard("h", "/etc/passwd")], "absolute"),
     ([hard("h", "nothere")], "not a file of this release"),
     ([(dict(name="dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3), None)], "device"),
