@@ -83,11 +83,11 @@ def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=No
     return files
 
 
-def make_tarball(path, files, wrap=None, mode_bits=None):
+def make_tarball(path, files, wrap=None, level=9):
     """Write a .tar.gz at `path` holding `files` ({name: bytes | ('symlink', target)});
     `wrap` puts everything under one folder (as `npm pack` writes 'package/')."""
-    opened = tarfile.open(path, "w:gz") if isinstance(path, str) else \
-        tarfile.open(fileobj=path, mode="w:gz")
+    opened = tarfile.open(path, "w:gz", compresslevel=level) if isinstance(path, str) else \
+        tarfile.open(fileobj=path, mode="w:gz", compresslevel=level)
     with opened as tar:
         dirs = set()
         for name in sorted(files):
@@ -98,11 +98,11 @@ def make_tarball(path, files, wrap=None, mode_bits=None):
                 if d not in dirs:
                     dirs.add(d)
                     info = tarfile.TarInfo(d)
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
                     tar.addfile(info)
             content = files[name]
             info = tarfile.TarInfo(full)
-            info.mtime = time.time()
+            info.mtime = int(time.time())
             if isinstance(content, tuple) and content[0] == "symlink":
                 info.type, info.linkname = tarfile.SYMTYPE, content[1]
                 tar.addfile(info)
@@ -221,7 +221,8 @@ class Nas:
     def path_of(self, version, kind="hub", suffix=""):
         return f"/api/raw/{version}/{kind}-{version}.tar.gz{suffix}"
 
-    def publish(self, version, files, kind="hub", wrap=None, checksum=True, tarball=None):
+    def publish(self, version, files, kind="hub", wrap=None, checksum=True, tarball=None,
+                level=9):
         """Build (or copy) a release tarball into the NAS; returns its local path."""
         folder = os.path.join(self.root, version)
         os.makedirs(folder, exist_ok=True)
@@ -230,7 +231,7 @@ class Nas:
             with open(path, "wb") as f:
                 f.write(tarball)
         else:
-            make_tarball(path, files, wrap=wrap)
+            make_tarball(path, files, wrap=wrap, level=level)
         sums = path + ".sha256"
         if checksum:
             with open(sums, "w") as f:

@@ -28,13 +28,13 @@ def host(request, sandbox, nas, work_dir):
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but {python} is missing")
         pytest.skip(f"{python} is not installed")
-    for version in ("2.0.11", "2.0.12", "2.0.13"):
+    for version in ("2.0.11", "2.0.12", "2.0.13", "2.0.14", "2.0.15"):
         if not os.path.exists(os.path.join(nas.root, version)):
             wrap = "package" if version == "2.0.12" else None
             nas.publish(version, release_files(version, crash=version == "2.0.13"), wrap=wrap)
     base = os.path.join(work_dir, f"host-{request.param}")
     os.makedirs(base)
-    h = Host(sandbox, base, nas, python=python, settle=1)
+    h = Host(sandbox, base, nas, python=python, settle=1, env={"BACKEND_AI_KEEP_BACKUPS": "2"})
     h.interpreter = request.param
     h.install_base("2.0.10")
     h.start()
@@ -174,6 +174,20 @@ def test_the_update_record_survives_a_manager_restart(host):
     assert after["state"] == before["state"] == "succeeded"
     assert after["started_at"] == before["started_at"] and after["action"] == "rollback"
     assert host.service_info()["version"] == "2.0.11"
+
+
+def test_one_update_at_a_time_and_retention_of_exactly_n_backups(host):
+    assert host.api("POST", "/update", {"version": "2.0.12"})[0] == 200
+    status, body = host.api("POST", "/update", {"version": "2.0.14"})
+    assert status == 409 and "already running" in body["error"]
+    assert host.api("POST", "/restart")[0] == 409
+    assert host.wait_update()["state"] == "succeeded"
+    for version in ("2.0.14", "2.0.15"):
+        assert host.api("POST", "/update", {"version": version})[0] == 200
+        assert host.wait_update()["state"] == "succeeded"
+    releases = sorted(os.listdir(os.path.join(host.state_dir, "releases")))
+    assert [r.split("-", 1)[1] for r in releases] == ["2.0.12", "2.0.14", "2.0.15"]  # current + 2
+    assert host.service_info()["version"] == "2.0.15"
 
 
 def test_manager_journal_has_priorities(host):

@@ -251,3 +251,21 @@ def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
         running.close()
     finally:
         nas.stop()
+
+
+def test_require_checksum_refuses_a_release_without_one(tmp_path):
+    nas = Nas(str(tmp_path / "nas")).start()
+    try:
+        running = Running(tmp_path, nas_url=nas.url_template(), require_checksum=True)
+        nas.publish("2.0.11", release_files("2.0.11"), checksum=False)
+        assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
+        deadline = time.monotonic() + 20
+        while running.updater.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = running.updater.snapshot()
+        assert record["state"] == "failed" and "--require-checksum" in record["error"], record
+        assert nas.requests == ["/api/raw/2.0.11/hub-2.0.11.tar.gz.sha256"]  # tarball not fetched
+        assert running.systemd.calls == []
+        running.close()
+    finally:
+        nas.stop()

@@ -381,3 +381,44 @@ def test_bad_settings_stop_the_daemon_with_one_line(python, args, env, words):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+
+
+# --- recovery of the install dir after an interrupted link exchange ------------------------------
+
+def test_recover_repairs_every_interrupted_link_exchange(tmp_path):
+    install, state = tmp_path / "install", tmp_path / "state"
+    releases = bam.Releases(str(install), str(state))
+    releases.prepare()
+    link = os.path.join(str(state), "current", "x")
+    # (a) two-rename fallback died between its renames: `dist` is missing
+    (install / ".dist.bam-old").mkdir()
+    (install / ".dist.bam-old" / "app.js").write_text("old")
+    os.symlink(os.path.join(str(state), "current", "dist"), install / ".dist.bam-new")
+    # (b) died before the exchange: the real file is in place, a prepared link beside it
+    (install / "package.json").write_text("{}")
+    os.symlink(link, install / ".package.json.bam-new")
+    # (c) died after RENAME_EXCHANGE: the link is in place, the displaced folder beside it
+    os.symlink(os.path.join(str(state), "current", "node_modules"), install / "node_modules")
+    (install / ".node_modules.bam-new").mkdir()
+    (install / "config.json").write_text("mine")
+    releases.recover()
+    assert sorted(os.listdir(install)) == ["config.json", "dist", "node_modules", "package.json"]
+    assert (install / "dist" / "app.js").read_text() == "old" and not os.path.islink(install / "dist")
+    assert (install / "package.json").read_text() == "{}"
+    assert os.path.islink(install / "node_modules")
+
+
+def test_link_entries_exchanges_real_entries_atomically(tmp_path):
+    install, state = tmp_path / "install", tmp_path / "state"
+    releases = bam.Releases(str(install), str(state))
+    releases.prepare()
+    (install / "dist").mkdir()
+    (install / "dist" / "a.js").write_text("live")
+    tree = tmp_path / "tree"
+    (tree / "dist").mkdir(parents=True)
+    (tree / "dist" / "a.js").write_text("live")
+    rid = releases.add(str(tree), "1.0.0")
+    releases.switch(rid)
+    releases.link_entries(["dist"])
+    assert releases.is_ours("dist") and (install / "dist" / "a.js").read_text() == "live"
+    assert sorted(os.listdir(install)) == ["dist"]

@@ -1,0 +1,189 @@
+"""Update speed and memory, measured in one run against baselines from the same run.
+
+    python3 bench/bench_update.py [--runs 5] [--big-mb 1024] [--skip-big]
+
+1. Speed: a realistic release (about 2,400 files, 45 MB, a node_modules/ tree with .bin links),
+   served from a NAS on loopback. The manager's update, from POST /update to `succeeded` with
+   --settle 0, against a plain shell pipeline doing the unsafe same inside the same systemd
+   (curl | tar xz into a new folder, mv it into place, systemctl restart). Target: <= 1.3x.
+2. Memory: the manager's peak resident memory (VmHWM) while updating to a release of --big-mb MB,
+   against its own peak when idle. Target: no more than 10 MB above.
+
+Everything runs in a throwaway systemd (tests/sandbox.py) and talks only to 127.0.0.1.
+Prints figures; asserts nothing (these machines are noisy)."""
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import sandbox as sandbox_mod  # noqa: E402
+from support import REPO, Host, Nas, release_files  # noqa: E402
+
+WORDS = ("function const return require module exports this that value item list map "
+         "filter reduce promise async await undefined null true false object string number "
+         "length index prototype call apply bind error throw catch try").split()
+
+
+def node_modules(seed, files=2400, total_mb=45):
+    """{path: bytes} for a node_modules-like tree: many small JS files, a few big ones."""
+    rng = random.Random(seed)
+    tree = {}
+    budget = total_mb << 20
+    sizes = sorted((rng.lognormvariate(8.3, 1.3) for _ in range(files)), reverse=True)
+    scale = budget / sum(sizes)
+    text_bank = " ".join(rng.choice(WORDS) for _ in range(400000)).encode()
+    for i, size in enumerate(sizes):
+        size = max(64, int(size * scale))
+        pkg = f"pkg{i % 300:03d}"
+        name = f"node_modules/{pkg}/lib/file{i:04d}.js"
+        if i % 10 == 0:  # some binary-ish content (source maps, wasm) that compresses poorly
+            tree[name] = rng.randbytes(size)
+        else:
+            start = rng.randrange(0, len(text_bank) - size) if size < len(text_bank) else 0
+            tree[name] = text_bank[start:start + size]
+    for i in range(20):
+        tree[f"node_modules/.bin/tool{i}"] = ("symlink", f"../pkg{i:03d}/lib/file{i:04d}.js")
+    return tree
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def timed_update(host, version):
+    settle_disk(host.sandbox)
+    started = time.monotonic()
+    status, body = host.api("POST", "/update", {"version": version})
+    assert status == 200, body
+    while True:
+        _, record = host.api("GET", "/update")
+        if record["state"] in ("succeeded", "failed", "rolled_back"):
+            break
+        time.sleep(0.005)
+    elapsed = time.monotonic() - started
+    assert record["state"] == "succeeded", record
+    if os.environ.get("BENCH_STEPS"):
+        print("   ", " | ".join(f"{e['elapsed']:.3f} {e['message'][:30]}" for e in record["log"]))
+    return elapsed
+
+
+SHELL = r"""set -e
+new={root}/new; old={root}/old
+mkdir -p "$new"
+curl -sf {url} | tar xz -C "$new"
+mkdir -p {root}/live
+for e in "$new"/* ; do n=$(basename "$e"); if [ -e {root}/live/$n ]; then mkdir -p "$old"; mv {root}/live/$n "$old"/; fi; mv "$e" {root}/live/; done
+systemctl restart {unit}
+"""
+
+
+def settle_disk(sb, root=None):
+    """Untimed: delete what the last run left, flush it, and let the disk quiet down, so that
+    no run pays for the previous one's deletions (this ext4 is mounted with online discard)."""
+    if root:
+        sb.run(["rm", "-rf", f"{root}/new", f"{root}/old"])
+    os.sync()
+    time.sleep(0.5)
+
+
+def shell_update(sb, root, url, unit):
+    settle_disk(sb, root)
+    started = time.monotonic()
+    result = sb.run(["sh", "-c", SHELL.format(root=root, url=url, unit=unit)], timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    return elapsed
+
+
+def vm_hwm_kb(sb, pid):
+    text = sb.run(["cat", f"/proc/{pid}/status"]).stdout
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return int(fields["VmHWM"].split()[0]), int(fields["VmRSS"].split()[0])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--big-mb", type=int, default=1024)
+    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--python", default="/usr/bin/python3")
+    args = parser.parse_args()
+    reason = sandbox_mod.unavailable_reason()
+    if reason:
+        sys.exit(f"bench: {reason}")
+    work = os.path.join(REPO, ".sandbox", f"bench-{os.getpid()}")
+    os.makedirs(work)
+    sb = nas = host = None
+    try:
+        sb = sandbox_mod.Sandbox(os.path.join(work, "systemd"))
+        sb.start()
+        nas = Nas(os.path.join(work, "nas")).start()
+        print("building releases ...", flush=True)
+        versions = ["4.0.1", "4.0.2"]
+        for seed, version in enumerate(versions):
+            files = release_files(version, extra=node_modules(seed))
+            path = nas.publish(version, files)
+        with tarfile.open(path) as t:
+            members = t.getmembers()
+        print(f"release: {sum(m.isfile() for m in members)} files, "
+              f"{sum(m.size for m in members) / 1e6:.1f} MB unpacked, "
+              f"{os.path.getsize(path) / 1e6:.1f} MB .tar.gz, "
+              f"{sum(m.issym() for m in members)} symlinks")
+
+        host = Host(sb, os.path.join(work, "host"), nas, python=args.python, settle=0)
+        host.install_base("4.0.0")
+        host.start()
+        timed_update(host, versions[0])  # first update migrates the hand-made install
+        manager_times, shell_times = [], []
+        for i in range(args.runs):
+            manager_times.append(timed_update(host, versions[(i + 1) % 2]))
+            url = nas.url_template().replace("{version}", versions[i % 2])
+            shell_times.append(shell_update(sb, os.path.join(work, "shell"), url, host.SERVICE))
+        m, s = median(manager_times), median(shell_times)
+        print(f"\nupdate, request to succeeded (--settle 0), median of {args.runs}:")
+        print(f"  manager:        {m:.3f} s   runs {', '.join(f'{t:.3f}' for t in manager_times)}")
+        print(f"  curl|tar xz+mv: {s:.3f} s   runs {', '.join(f'{t:.3f}' for t in shell_times)}")
+        pairs = median([a / b for a, b in zip(manager_times, shell_times)])
+        print(f"  ratio of medians manager/shell: {m / s:.2f}x, median of paired ratios: "
+              f"{pairs:.2f}x  (target <= 1.30x)")
+
+        if not args.skip_big:
+            print(f"\nbuilding a {args.big_mb} MB release ...", flush=True)
+            big = {f"dist/blob{i:03d}.bin": random.Random(i).randbytes(16 << 20)
+                   for i in range(args.big_mb // 16)}
+            big_path = nas.publish("4.1.0", release_files("4.1.0", extra=big), level=1)
+            del big
+            print(f"  {os.path.getsize(big_path) / 1e6:.0f} MB .tar.gz")
+            host.restart_manager()
+            pid = host.manager_pid()
+            for _ in range(20):  # an idle manager that has served a few requests
+                host.api("GET", "/status")
+                host.api("GET", "/update")
+            idle_hwm, idle_rss = vm_hwm_kb(sb, pid)
+            t = timed_update(host, "4.1.0")
+            peak_hwm, _ = vm_hwm_kb(sb, pid)
+            print(f"\nmemory of the manager (VmHWM), update to a {args.big_mb} MB release "
+                  f"in {t:.1f} s:")
+            print(f"  idle peak {idle_hwm / 1024:.1f} MB (RSS {idle_rss / 1024:.1f} MB), "
+                  f"peak during the update {peak_hwm / 1024:.1f} MB")
+            print(f"  growth: {(peak_hwm - idle_hwm) / 1024:.1f} MB  (target <= 10 MB)")
+    finally:
+        if host:
+            host.stop()
+        if nas:
+            nas.stop()
+        if sb:
+            sb.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
