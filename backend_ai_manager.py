@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -21,10 +22,10 @@ import os
 import posixpath
 import queue
 import re
+import selectors
 import shutil
 import signal
 import socket
-import socketserver
 import stat
 import subprocess
 import sys
@@ -126,6 +127,8 @@ COMMON_DEFAULTS = {
     "max_members": "200000",
     "max_file_mb": "2048",
     "command_timeout": "90",
+    "max_connections": "256",
+    "request_timeout": "10",
 }
 
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}\.service$")
@@ -256,6 +259,10 @@ OPTIONS = [
      "largest unpacked release accepted"),
     ("command_timeout", "--command-timeout", "BACKEND_AI_COMMAND_TIMEOUT", _seconds(3600),
      "seconds a systemctl start/stop/restart may take before the API answers 504"),
+    ("max_connections", "--max-connections", "BACKEND_AI_MAX_CONNECTIONS", _int_in(1, 10000),
+     "open connections at most; past that a client gets 503"),
+    ("request_timeout", "--request-timeout", "BACKEND_AI_REQUEST_TIMEOUT", _seconds(3600),
+     "seconds a client has to send a whole request"),
     ("max_file_mb", "--max-file-mb", "BACKEND_AI_MAX_FILE_MB", _int_in(1, 1 << 22),
      "largest single file of a release accepted"),
     ("max_members", "--max-members", "BACKEND_AI_MAX_MEMBERS", _int_in(1, 10_000_000),
@@ -437,13 +444,35 @@ def parse_timestamp(text):
     return text.strip() or None
 
 
+class _Flight:
+    def __init__(self, generation):
+        self.generation = generation
+        self.done = threading.Event()
+        self.result = self.error = None
+
+
 class Systemd:
-    """systemctl/journalctl for one unit. Raises SystemdError (500) or ManagerError 504."""
+    """systemctl/journalctl for one unit. Raises SystemdError (500) or ManagerError 504.
+
+    `systemctl show` is shared: concurrent callers wait for the one call in flight, and
+    status() may reuse a result up to STATUS_MAX_AGE seconds old. Every start/stop/restart
+    the manager makes starts a new generation, and no result of an older generation is ever
+    returned after it, so an answer never predates an action the manager took."""
     QUERY_TIMEOUT = 15
+    STATUS_MAX_AGE = 0.5
 
     def __init__(self, unit, control_timeout=90):
         self.unit = unit
         self.control_timeout = control_timeout
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._flight = None
+        self._cached = None  # (monotonic time, generation, props)
+
+    def invalidate(self):
+        with self._lock:
+            self._generation += 1
+            self._cached = None
 
     def _check(self, result):
         if result.timed_out:
@@ -452,13 +481,43 @@ class Systemd:
             raise SystemdError(result.message())
         return result
 
-    def show(self):
+    def _show(self):
         result = self._check(run_command(
             ["systemctl", "show", self.unit, "-p", ",".join(SHOW_PROPERTIES)], self.QUERY_TIMEOUT))
         return parse_show(result.out)
 
-    def status(self):
-        props = self.show()
+    def show(self, max_age=0.0):
+        """The unit's properties: a cached result younger than max_age, or the call in flight,
+        or a new call."""
+        with self._lock:
+            cached = self._cached
+            if max_age and cached and cached[1] == self._generation \
+                    and time.monotonic() - cached[0] <= max_age:
+                return dict(cached[2])
+            flight = self._flight
+            leader = flight is None or flight.generation != self._generation
+            if leader:
+                flight = self._flight = _Flight(self._generation)
+        if leader:
+            try:
+                flight.result = self._show()
+            except ManagerError as e:
+                flight.error = e
+            finally:
+                with self._lock:
+                    if flight.result is not None and flight.generation == self._generation:
+                        self._cached = (time.monotonic(), flight.generation, flight.result)
+                    if self._flight is flight:
+                        self._flight = None
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if flight.error:
+            raise flight.error
+        return dict(flight.result)
+
+    def status(self, max_age=0.0):
+        props = self.show(max_age)
         restarts = props.get("NRestarts", "")
         pid = props.get("MainPID", "0")
         return {
@@ -475,11 +534,15 @@ class Systemd:
 
     def control(self, action):
         """systemctl start|stop|restart; returns once systemd has finished the job."""
-        if action in ("start", "restart"):
-            # A start asked for explicitly must not be refused by the start rate limit that
-            # earlier restarts or a crash loop used up ("Start request repeated too quickly").
-            run_command(["systemctl", "reset-failed", self.unit], self.QUERY_TIMEOUT)
-        self._check(run_command(["systemctl", action, self.unit], self.control_timeout))
+        self.invalidate()
+        try:
+            if action in ("start", "restart"):
+                # A start asked for explicitly must not be refused by the start rate limit that
+                # earlier restarts or a crash loop used up ("Start request repeated too quickly").
+                run_command(["systemctl", "reset-failed", self.unit], self.QUERY_TIMEOUT)
+            self._check(run_command(["systemctl", action, self.unit], self.control_timeout))
+        finally:
+            self.invalidate()
 
     def logs(self, lines, output="short-iso"):
         result = self._check(run_command(
@@ -1611,7 +1674,7 @@ class Api:
         }
 
     def status(self, request):
-        result = self.systemd.status()
+        result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE)
         try:
             result["version"], result["name"] = installed_version(self.settings)
         except ManagerError as e:
@@ -1665,7 +1728,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"backend-ai-manager/{__version__}"
     sys_version = ""
-    timeout = 15  # an idle connection is closed after this many seconds
+
+    def __init__(self, raw, sock, client_address, server):
+        self.raw = raw
+        super().__init__(sock, client_address, server)
+
+    def setup(self):
+        # The Server has already read the whole request; this handler answers exactly one.
+        self.started = time.monotonic()
+        self.connection = self.request
+        self.rfile = io.BytesIO(self.raw)
+        self.wfile = _SocketWriter(self.connection)
+        self.command = self.path = self.headers = None
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self):
+        pass
 
     def __getattr__(self, name):
         # Every method token reaches the router, so an unknown method is a 404 or 405 with
@@ -1701,12 +1782,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, payload, headers, head=(method == "HEAD"))
 
     def _access(self, settings):
-        if settings.allow:
-            address = ipaddress.ip_address(self.client_address[0])
-            if address.version == 6 and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            if not any(address in net for net in settings.allow):
-                raise ManagerError(f"client {address} is not in the allow list", status=403)
+        if settings.allow and not client_allowed(self.client_address[0], settings.allow):
+            raise ManagerError(f"client {self.client_address[0]} is not in the allow list",
+                               status=403)
         token = settings.token()
         if token:
             given = self.headers.get("Authorization", "")
@@ -1738,6 +1816,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _send(self, status, payload, headers, head=False):
+        self._log(status)
         data = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -1757,24 +1836,298 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(code, {"success": False, "error": message or self.responses.get(code, ("",))[0]},
                    {})
 
+    def _log(self, status):
+        """One journal line per request: client, request, status, time taken."""
+        ms = (time.monotonic() - self.started) * 1000
+        watchdog = self.headers and self.headers.get("User-Agent") == WATCHDOG_AGENT
+        request = f"{(self.command or '-')[:20]} {(self.path or '-')[:200]}"
+        log.log(logging.DEBUG if watchdog else logging.INFO, '%s "%s" %d %.0fms',
+                self.client_address[0], request.encode("ascii", "backslashreplace").decode(),
+                status, ms)
+
+    def log_request(self, code="-", size="-"):
+        pass  # logged once in _send, with the time taken
+
     def log_message(self, fmt, *args):
-        log.info("%s %s", self.client_address[0], fmt % args)
+        log.debug("%s %s", self.client_address[0], fmt % args)
 
 
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _SocketWriter:
+    """The handler's wfile: sendall() on a socket with a timeout (a client that does not read
+    its answer holds a worker at most `timeout` seconds)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class _Connection:
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.buf = bytearray()
+        self.idle = True  # no byte of the next request has arrived yet
+
+
+MAX_HEAD = 65536
+WATCHDOG_AGENT = "backend-ai-manager-watchdog"
+
+
+def request_length(buf):
+    """Bytes of the first complete request in buf, or None if more is needed. A request whose
+    body cannot be framed (Transfer-Encoding, odd or over-limit Content-Length) is handed over
+    as its head alone: the handler answers 400/413 and closes, so nothing after it is read as
+    another request (request smuggling)."""
+    end = buf.find(b"\r\n\r\n")
+    end = end + 4 if end >= 0 else -1
+    if end < 0:
+        alt = buf.find(b"\n\n")
+        end = alt + 2 if alt >= 0 else -1
+    if end < 0:
+        return len(buf) if len(buf) > MAX_HEAD else None
+    lengths = []
+    for line in bytes(buf[:end]).split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return end
+        if name == b"content-length":
+            lengths.append(value.strip())
+    if not lengths:
+        return end
+    if len(lengths) > 1 or not re.fullmatch(rb"[0-9]{1,10}", lengths[0]) \
+            or int(lengths[0]) > MAX_BODY:
+        return end
+    total = end + int(lengths[0])
+    return total if len(buf) >= total else None
+
+
+class Server:
+    """HTTP/1.1 server hardened for a LAN without authentication (STDLIB-FACTS.md):
+    one selector thread reads requests from every connection, so idle or trickling clients hold
+    no thread; complete requests go to a fixed pool of worker threads. At most
+    --max-connections are open (past that: 503 and close); a request must arrive whole within
+    --request-timeout of its first byte; an idle keep-alive connection is closed after 5 s."""
+
+    WORKERS = 16
+    KEEPALIVE = 5.0
+    WRITE_TIMEOUT = 10.0
 
     def __init__(self, settings, api):
         self.api = api
+        self.settings = settings
         family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
-        self.address_family = family
-        super().__init__((settings.bind, settings.port), Handler)
+        # No HTTPServer.server_bind(): it calls socket.getfqdn(), reverse DNS that hangs where
+        # DNS is broken.
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((settings.bind, settings.port))
+            self.listener.listen(128)
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.connections = set()
+        self.returned = queue.Queue()  # connections handed back by workers (keep-alive)
+        self.jobs = queue.Queue()
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.workers = [threading.Thread(target=self._work, name="worker", daemon=True)
+                        for _ in range(self.WORKERS)]
+        for worker in self.workers:
+            worker.start()
 
-    def server_bind(self):
-        # HTTPServer.server_bind() calls socket.getfqdn(): reverse DNS that hangs where DNS is broken.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    # --- the selector thread
+    def serve_forever(self, poll_interval=0.5):
+        try:
+            while not self.stopping.is_set():
+                for key, _ in self.selector.select(timeout=poll_interval):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._read(key.data)
+                self._take_back()
+                self._expire()
+        finally:
+            for conn in list(self.connections):
+                if conn.idle or conn in self._registered():
+                    self._close(conn)
+            self.stopped.set()
+
+    def _registered(self):
+        return {k.data for k in self.selector.get_map().values() if isinstance(k.data, _Connection)}
+
+    def _accept(self):
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: keep serving the others
+                log.warning("accept failed: %s", e)
+                return
+            if len(self.connections) >= self.settings.max_connections:
+                self._refuse(sock, 503, f"too many connections (limit "
+                                        f"{self.settings.max_connections}); try again later")
+                continue
+            if self.settings.allow and not client_allowed(address[0], self.settings.allow):
+                self._refuse(sock, 403, f"client {address[0]} is not in the allow list")
+                continue
+            sock.setblocking(False)
+            conn = _Connection(sock, address, time.monotonic() + self.settings.request_timeout)
+            self.connections.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _refuse(self, sock, status, message):
+        """Answer without a worker, best effort, and close."""
+        log.warning("%s refused: %d %s", sock.getpeername()[0] if sock else "?", status, message)
+        body = json.dumps({"success": False, "error": message}).encode() + b"\n"
+        reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            sock.setblocking(False)
+            sock.send(head + body)
+        except OSError:
+            pass
+        sock.close()
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        if conn.idle:
+            conn.idle = False
+            conn.deadline = time.monotonic() + self.settings.request_timeout
+        conn.buf += data
+        self._dispatch(conn)
+
+    def _dispatch(self, conn):
+        length = request_length(conn.buf)
+        if length is None:
+            return
+        raw = bytes(conn.buf[:length])
+        del conn.buf[:length]
+        self.selector.unregister(conn.sock)
+        self.jobs.put((conn, raw))
+
+    def _take_back(self):
+        while True:
+            try:
+                conn = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            if self.stopping.is_set():
+                self._close(conn)
+                continue
+            conn.sock.setblocking(False)
+            conn.idle = not conn.buf
+            conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
+                                                else self.settings.request_timeout)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            if conn.buf:
+                self._dispatch(conn)  # a pipelined request already arrived
+
+    def _expire(self):
+        now = time.monotonic()
+        for conn in self._registered():
+            if now > conn.deadline:
+                if not conn.idle:
+                    log.warning("%s did not send a whole request within %g s; closed",
+                                conn.address[0], self.settings.request_timeout)
+                self._close(conn)
+
+    def _close(self, conn):
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        self.connections.discard(conn)
+
+    def _drain_wake(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # --- the workers
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                self.jobs.task_done()
+                return
+            conn, raw = job
+            keep = False
+            try:
+                conn.sock.settimeout(self.WRITE_TIMEOUT)
+                handler = Handler(raw, conn.sock, conn.address, self)
+                keep = not handler.close_connection
+            except OSError:
+                pass  # the client went away
+            except Exception:
+                log.exception("request from %s failed", conn.address[0])
+            if keep and not self.stopping.is_set():
+                self.returned.put(conn)
+                try:
+                    self.wake_w.send(b"x")
+                except OSError:
+                    pass
+            else:
+                conn.sock.close()
+                self.connections.discard(conn)
+            self.jobs.task_done()
+
+    # --- stopping
+    def shutdown(self, grace=30.0):
+        """Stop reading new requests, let the requests already read finish (up to `grace`
+        seconds), then stop the workers."""
+        self.stopping.set()
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        self.stopped.wait(5)
+        deadline = time.monotonic() + grace
+        while self.jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in self.workers:
+            self.jobs.put(None)
+
+    def server_close(self):
+        self.selector.close()
+        self.listener.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+
+def client_allowed(address, networks):
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 # ============================================================================================
@@ -1803,6 +2156,43 @@ def build_parser():
     return parser
 
 
+class Watchdog(threading.Thread):
+    """Pings systemd's watchdog (WatchdogSec=, sd_watchdog_enabled(3)) only after a real HTTP
+    request to ourselves was answered: a manager whose accept loop or workers are stuck, or that
+    is frozen, stops pinging and systemd restarts it."""
+
+    def __init__(self, settings, stop):
+        super().__init__(name="watchdog", daemon=True)
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        enabled = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
+        self.interval = int(usec) / 2e6 if enabled else None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.bind, settings.bind)
+        self.address = (host, settings.port)
+        self.stop = stop
+
+    def start(self):
+        if self.interval:
+            super().start()
+
+    def probe(self):
+        request = (f"GET /version HTTP/1.1\r\nHost: watchdog\r\nUser-Agent: {WATCHDOG_AGENT}"
+                   "\r\nConnection: close\r\n\r\n").encode()
+        try:
+            with socket.create_connection(self.address, timeout=self.interval) as sock:
+                sock.sendall(request)
+                return sock.recv(16).startswith(b"HTTP/1.1 ")
+        except OSError:
+            return False
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            if self.probe():
+                sd_notify("WATCHDOG=1")
+            else:
+                log.warning("watchdog: the API did not answer; not pinging systemd")
+
+
 def serve(settings):
     setup_logging()
     systemd = Systemd(settings.service, settings.command_timeout)
@@ -1821,18 +2211,24 @@ def serve(settings):
         return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())  # only set the Event: see serve_forever()
+        # A handler only sets the Event (shutdown() from a handler deadlocks, STDLIB-FACTS.md);
+        # the main thread does the stopping.
+        signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
              settings.service, settings.bind, settings.port)
-    sd_notify("READY=1\nSTATUS=listening")
-    while not stop.wait(3600):
-        pass
-    log.info("stopping")
+    sd_notify("READY=1\nSTATUS=listening")  # only now: the socket listens (Type=notify)
+    watchdog = Watchdog(settings, stop)
+    watchdog.start()
+    stop.wait()
+    log.info("stopping: finishing requests in progress")
     sd_notify("STOPPING=1")
     server.shutdown()
     server.server_close()
+    if updater.busy():
+        log.warning("an %s was in progress; the next start will recover it",
+                    updater.record.get("action"))
     return 0
 
 

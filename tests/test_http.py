@@ -23,13 +23,15 @@ class FakeSystemd:
         self.calls = []
         self.fail = None
 
-    def show(self):
+    STATUS_MAX_AGE = 0
+
+    def show(self, max_age=0.0):
         return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
                 "MainPID": "42" if self.active else "0", "NRestarts": "0", "LoadState": "loaded",
                 "ActiveEnterTimestamp": "Fri 2026-11-27 21:00:05 UTC"}
 
-    def status(self):
-        return bam.Systemd.status(self)
+    def status(self, max_age=0.0):
+        return bam.Systemd.status(self, max_age)
 
     def control(self, action):
         self.calls.append(action)

@@ -422,3 +422,72 @@ def test_link_entries_exchanges_real_entries_atomically(tmp_path):
     releases.link_entries(["dist"])
     assert releases.is_ours("dist") and (install / "dist" / "a.js").read_text() == "live"
     assert sorted(os.listdir(install)) == ["dist"]
+
+
+# --- shared systemctl show ----------------------------------------------------------------------
+
+class CountingSystemd(bam.Systemd):
+    def __init__(self):
+        super().__init__("x.service")
+        self.calls = 0
+        import threading
+        self.gate = threading.Event()
+
+    def _show(self):
+        self.calls += 1
+        self.gate.wait(5)
+        return {"ActiveState": "active", "call": str(self.calls)}
+
+
+def test_concurrent_status_calls_share_one_systemctl_call():
+    import threading
+    sd = CountingSystemd()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(sd.show())) for _ in range(20)]
+    for t in threads:
+        t.start()
+    import time
+    time.sleep(0.2)
+    sd.gate.set()
+    for t in threads:
+        t.join()
+    assert sd.calls == 1 and len(results) == 20 and all(r["call"] == "1" for r in results)
+
+
+def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
+    import time
+    sd = CountingSystemd()
+    sd.gate.set()
+    assert sd.show(max_age=5)["call"] == "1"
+    assert sd.show(max_age=5)["call"] == "1"     # reused: younger than max_age
+    assert sd.show()["call"] == "2"              # max_age 0: always a fresh call
+    time.sleep(0.06)
+    assert sd.show(max_age=0.05)["call"] == "3"  # too old
+    sd.invalidate()                               # what control() does around an action
+    assert sd.show(max_age=5)["call"] == "4"
+
+
+# --- request framing ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", "head"),
+    (b"GET /status HTTP/1.1\r\nHost: x\r\n", None),
+    (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", None),
+    (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET /", "head+5"),
+    (b"POST /update HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "head"),
+    (b"POST /u HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", "head"),
+    (b"POST /u HTTP/1.1\r\nContent-Length: +1\r\n\r\nx", "head"),
+    (b"POST /u HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", "head"),
+    (b"GET / HTTP/1.1\n\n", "head"),
+])
+def test_request_framing(raw, expected):
+    """A framed request is its head plus exactly Content-Length bytes; a body that cannot be
+    framed safely leaves only the head (answered 400/413 and closed)."""
+    sep = b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n"
+    head = raw.index(sep) + len(sep) if sep in raw else None
+    want = None if expected is None else head + int(expected.partition("+")[2] or 0)
+    assert bam.request_length(bytearray(raw)) == want
+
+
+def test_an_endless_head_is_handed_over_to_be_refused():
+    assert bam.request_length(bytearray(b"GET /" + b"a" * 70000)) == 70005
