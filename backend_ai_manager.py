@@ -580,7 +580,8 @@ class Download:
         if time.monotonic() > self.deadline:
             raise ReleaseError("download took longer than the deadline (--download-timeout)")
         try:
-            data = self.response.read(min(size, CHUNK))
+            # read1: at most one recv, so the deadline is checked however slowly bytes arrive
+            data = self.response.read1(min(size, CHUNK))
         except (OSError, http.client.HTTPException) as e:
             raise ReleaseError(f"download failed after {self.count} bytes: {e}") from None
         self.count += len(data)
@@ -697,7 +698,8 @@ class Prefetch:
     def close(self):
         """Stop the thread (also when the reader gave up early) and wait for it."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=5)  # a read blocked on the network ends when the caller
+        # closes the response
 
 
 def member_path(name):

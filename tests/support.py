@@ -190,6 +190,14 @@ class Nas:
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
                 limit = size // 2 if fault == "truncate" else size
+                if fault == "trickle":  # one byte every 0.2 s, for at most 30 s
+                    with open(path, "rb") as f:
+                        for _ in range(150):
+                            self.wfile.write(f.read(1))
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    self.close_connection = True
+                    return
                 with open(path, "rb") as f:
                     sent = 0
                     while sent < limit:

@@ -182,6 +182,12 @@ def test_nas_that_never_answers_hits_the_deadline(host, nas):
     expect_unchanged_failure(host, "6.7.0", "timed out")
 
 
+def test_nas_trickling_bytes_hits_the_total_deadline(host, nas):
+    nas.publish("6.7.1", release_files("6.7.1"))
+    nas.faults[nas.path_of("6.7.1")] = "trickle"
+    expect_unchanged_failure(host, "6.7.1", "deadline")
+
+
 def test_release_failing_its_health_url_is_rolled_back(host, nas):
     nas.publish("6.8.0", release_files("6.8.0", http_status=503))
     record = expect_unchanged_failure(host, "6.8.0", "health URL", state="rolled_back")
