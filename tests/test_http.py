@@ -271,3 +271,22 @@ def test_require_checksum_refuses_a_release_without_one(tmp_path):
         running.close()
     finally:
         nas.stop()
+
+
+def test_first_install_on_an_empty_host(tmp_path):
+    nas = Nas(str(tmp_path / "nas")).start()
+    try:
+        running = Running(tmp_path, nas_url=nas.url_template())
+        (tmp_path / "install" / "package.json").unlink()
+        nas.publish("2.0.11", release_files("2.0.11"))
+        assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
+        deadline = time.monotonic() + 20
+        while running.updater.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = running.updater.snapshot()
+        assert record["state"] == "succeeded" and record["from_version"] is None, record
+        assert running.request("GET", "/version")[1]["version"] == "2.0.11"
+        assert running.systemd.calls == ["restart"]
+        running.close()
+    finally:
+        nas.stop()
