@@ -1734,6 +1734,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"backend-ai-manager/{__version__}"
     sys_version = ""
+    # http.server answers an unparsable request line as HTTP/0.9: a bare body, no status line.
+    # Every answer here has a status line.
+    default_request_version = "HTTP/1.0"
 
     def __init__(self, raw, sock, client_address, server):
         self.raw = raw
@@ -1780,8 +1783,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 Request(method, parts.path, query, body, self.client_address[0]))
         except ManagerError as e:
             status, payload, headers = e.status, {"success": False, "error": e.message}, e.headers
-            if status >= 400 and status != 409:
-                log.warning("%s %s -> %d %s", method, self.path[:200], status, e.message)
         except Exception as e:
             log.exception("%s %s failed", method, self.path[:200])
             status, payload = 500, {"success": False, "error": f"internal error: {e}"}
@@ -1822,7 +1823,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _send(self, status, payload, headers, head=False):
-        self._log(status)
+        self._log(status, payload.get("error") if status >= 400 else None)
         data = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -1837,19 +1838,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, header too long) as JSON too
+        # http.server's own errors (bad request line, header too long) as JSON too; an
+        # unsupported HTTP version is the client's error (400), as API.md allows no other 5xx.
         self.close_connection = True
+        if code == 505:
+            code, message = 400, f"unsupported HTTP version in {self.requestline[:80]!r}: " \
+                                 "use HTTP/1.0 or HTTP/1.1"
         self._send(code, {"success": False, "error": message or self.responses.get(code, ("",))[0]},
                    {})
 
-    def _log(self, status):
-        """One journal line per request: client, request, status, time taken."""
+    def _log(self, status, error=None):
+        """One journal line per request: client, request, status, time taken (and for an error
+        its message); priority error for 5xx, debug for the watchdog's own probes."""
         ms = (time.monotonic() - self.started) * 1000
         watchdog = self.headers and self.headers.get("User-Agent") == WATCHDOG_AGENT
-        request = f"{(self.command or '-')[:20]} {(self.path or '-')[:200]}"
-        log.log(logging.DEBUG if watchdog else logging.INFO, '%s "%s" %d %.0fms',
-                self.client_address[0], request.encode("ascii", "backslashreplace").decode(),
-                status, ms)
+        if self.command:
+            request = f"{self.command[:20]} {(self.path or '')[:200]}"
+        else:  # the request line did not parse: show what came
+            request = (getattr(self, "requestline", "") or "-")[:200]
+        request = request.encode("ascii", "backslashreplace").decode()
+        level = logging.DEBUG if watchdog else logging.ERROR if status >= 500 else logging.INFO
+        log.log(level, '%s "%s" %d %.0fms%s', self.client_address[0], request, status, ms,
+                f": {error}" if error else "")
 
     def log_request(self, code="-", size="-"):
         pass  # logged once in _send, with the time taken
@@ -1992,11 +2002,11 @@ class Server:
                 log.warning("accept failed: %s", e)
                 return
             if len(self.connections) >= self.settings.max_connections:
-                self._refuse(sock, 503, f"too many connections (limit "
+                self._refuse(sock, address, 503, f"too many connections (limit "
                                         f"{self.settings.max_connections}); try again later")
                 continue
             if self.settings.allow and not client_allowed(address[0], self.settings.allow):
-                self._refuse(sock, 403, f"client {address[0]} is not in the allow list")
+                self._refuse(sock, address, 403, f"client {address[0]} is not in the allow list")
                 continue
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -2005,9 +2015,10 @@ class Server:
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _refuse(self, sock, status, message):
-        """Answer without a worker, best effort, and close."""
-        log.warning("%s refused: %d %s", sock.getpeername()[0] if sock else "?", status, message)
+    def _refuse(self, sock, address, status, message):
+        """Answer without a worker, best effort, and close. (Not getpeername(): it raises on a
+        client that already reset, which would end the selector thread.)"""
+        log.warning('%s "-" %d refused: %s', address[0], status, message)
         body = json.dumps({"success": False, "error": message}).encode() + b"\n"
         reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"

@@ -17,6 +17,25 @@ from support import REPO, Nas  # noqa: E402
 WORK = os.path.join(REPO, ".sandbox")
 
 
+# The end-to-end runs: Debian's own python3 (3.11.2, tarfile without extraction filters), the
+# oldest supported and the newest Python.
+INTERPRETERS = {
+    "debian-3.11.2": "/usr/bin/python3",
+    "3.9": "/root/.pyenv/versions/3.9.18/bin/python3",
+    "3.13": "/root/.pyenv/versions/3.13.0/bin/python3",
+}
+
+
+def interpreter(label):
+    """The path of an interpreter to run the manager with; skip if missing (fail under CI)."""
+    python = INTERPRETERS[label]
+    if not os.access(python, os.X_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {python} is missing")
+        pytest.skip(f"{python} is not installed")
+    return python
+
+
 def need_sandbox():
     """Skip with a one-line reason where a real systemd cannot be booted; under CI=true that is a
     failure, never a skip (a skipped end-to-end test must not pass CI)."""

@@ -14,20 +14,12 @@ import pytest
 
 from support import Host, release_files, tree_digest
 
-INTERPRETERS = {
-    "debian-3.11.2": "/usr/bin/python3",
-    "3.9": "/root/.pyenv/versions/3.9.18/bin/python3",
-    "3.13": "/root/.pyenv/versions/3.13.0/bin/python3",
-}
+from conftest import INTERPRETERS, interpreter
 
 
 @pytest.fixture(scope="module", params=sorted(INTERPRETERS))
 def host(request, sandbox, nas, work_dir):
-    python = INTERPRETERS[request.param]
-    if not os.access(python, os.X_OK):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {python} is missing")
-        pytest.skip(f"{python} is not installed")
+    python = interpreter(request.param)
     for version in ("2.0.11", "2.0.12", "2.0.13", "2.0.14", "2.0.15"):
         if not os.path.exists(os.path.join(nas.root, version)):
             wrap = "package" if version == "2.0.12" else None

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from support import Host, make_tarball, release_files, sha256_of, tree_digest
-from test_e2e import INTERPRETERS
+from conftest import INTERPRETERS, interpreter
 
 
 def tarball(members, version, extra_first=True):
@@ -74,11 +74,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(INTERPRETERS))
 def host(request, sandbox, nas, work_dir):
-    python = INTERPRETERS[request.param]
-    if not os.access(python, os.X_OK):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {python} is missing")
-        pytest.skip(f"{python} is not installed")
+    python = interpreter(request.param)
     base = os.path.join(work_dir, f"hostile-{request.param}")
     os.makedirs(base)
     h = Host(sandbox, base, nas, python=python, settle=1, env={
