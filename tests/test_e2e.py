@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from support import Host, release_files, tree_digest
+from support import MANAGER, Host, free_port, release_files, tree_digest
 
 from conftest import INTERPRETERS, interpreter
 
@@ -187,3 +187,35 @@ def test_manager_journal_has_priorities(host):
     entries = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     priorities = {e.get("PRIORITY") for e in entries if "update" in str(e.get("MESSAGE"))}
     assert "6" in priorities and "3" in priorities  # info for steps, error for the bad release
+
+
+def test_systemctl_failures_come_back_with_systemds_own_words(host):
+    """A second manager, started from the command line with flags, for units that fail: a
+    missing unit (500 with systemd's message) and one whose start outlasts --command-timeout
+    (504)."""
+    host.sandbox.add_unit("ai-slow.service", "[Service]\nType=oneshot\n"
+                          "ExecStart=/bin/sleep 20\n")
+    for service, status, words in (("ai-missing.service", 500, "not found"),
+                                   ("ai-slow.service", 504, "timed out")):
+        port = free_port()
+        probe_unit = f"bam-probe-{port}"
+        started = host.sandbox.run([
+            "systemd-run", f"--unit={probe_unit}", "--collect", "--quiet",
+            INTERPRETERS[host.interpreter], MANAGER,
+            "serve", "--role", "agent", "--bind", "127.0.0.1", "--port", str(port),
+            "--service", service, "--install-dir", host.install_dir,
+            "--state-dir", os.path.join(host.base, f"state-{service}"),
+            "--command-timeout", "1", "--nas-url", "http://127.0.0.1:9/{version}"])
+        assert started.returncode == 0, started.stderr
+        try:
+            probe = Host(host.sandbox, host.base, host.nas)
+            probe.port = port
+            probe.wait_manager()
+            code, body = probe.api("POST", "/start")
+            assert code == status and words in body["error"], body
+            assert body["success"] is False and service in body["error"]
+            code, body = probe.api("GET", "/status")
+            assert code == 200 and body["running"] is False
+        finally:
+            host.sandbox.systemctl("stop", probe_unit)
+    host.sandbox.systemctl("stop", "ai-slow.service")
