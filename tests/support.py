@@ -262,6 +262,14 @@ def unit_text(name):
         return f.read()
 
 
+def sandboxed(unit):
+    """The unit as shipped, plus DefaultDependencies=no: the sandbox shares the host's /etc and
+    /var, and a first unit with default dependencies pulls in sysinit.target, whose units
+    (tmpfiles, sysctl, sysusers ...) would act on the host's own files (seen: /etc/mtab
+    replaced, wtmp boot records)."""
+    return unit.replace("[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+
+
 class Host:
     """One managed host inside a systemd sandbox: an install dir holding an existing release (laid
     out by hand, as before the manager), the example service unit and the real manager unit from
@@ -302,8 +310,8 @@ class Host:
             manager.append(line)
         with open(os.path.join(self.base, "manager.env"), "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in self.env.items())
-        self.sandbox.add_unit(self.SERVICE, service)
-        self.sandbox.add_unit(self.MANAGER_UNIT, "\n".join(manager) + "\n")
+        self.sandbox.add_unit(self.SERVICE, sandboxed(service))
+        self.sandbox.add_unit(self.MANAGER_UNIT, sandboxed("\n".join(manager) + "\n"))
 
     def start(self):
         self.write_units()

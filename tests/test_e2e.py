@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from support import MANAGER, Host, free_port, release_files, tree_digest
+from support import MANAGER, Host, free_port, release_files, sandboxed, tree_digest
 
 from conftest import INTERPRETERS, interpreter
 
@@ -193,14 +193,15 @@ def test_systemctl_failures_come_back_with_systemds_own_words(host):
     """A second manager, started from the command line with flags, for units that fail: a
     missing unit (500 with systemd's message) and one whose start outlasts --command-timeout
     (504)."""
-    host.sandbox.add_unit("ai-slow.service", "[Service]\nType=oneshot\n"
-                          "ExecStart=/bin/sleep 20\n")
+    host.sandbox.add_unit("ai-slow.service", sandboxed("[Unit]\n[Service]\nType=oneshot\n"
+                                                     "ExecStart=/bin/sleep 20\n"))
     for service, status, words in (("ai-missing.service", 500, "not found"),
                                    ("ai-slow.service", 504, "timed out")):
         port = free_port()
         probe_unit = f"bam-probe-{port}"
         started = host.sandbox.run([
             "systemd-run", f"--unit={probe_unit}", "--collect", "--quiet",
+            "--property=DefaultDependencies=no",
             INTERPRETERS[host.interpreter], MANAGER,
             "serve", "--role", "agent", "--bind", "127.0.0.1", "--port", str(port),
             "--service", service, "--install-dir", host.install_dir,
