@@ -1769,8 +1769,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = {}
         try:
             parts = urllib.parse.urlsplit(self.path)
+            body = self._body()  # first: a body that cannot be framed closes the connection
             self._access(api.settings)
-            body = self._body()
             methods = sorted(m for (m, p) in api.routes if p == parts.path)
             if not methods:
                 raise ManagerError(f"no such endpoint: {parts.path}", status=404)
@@ -1899,33 +1899,39 @@ MAX_HEAD = 65536
 WATCHDOG_AGENT = "backend-ai-manager-watchdog"
 
 
-def request_length(buf):
-    """Bytes of the first complete request in buf, or None if more is needed. A request whose
-    body cannot be framed (Transfer-Encoding, odd or over-limit Content-Length) is handed over
-    as its head alone: the handler answers 400/413 and closes, so nothing after it is read as
-    another request (request smuggling)."""
-    end = buf.find(b"\r\n\r\n")
-    end = end + 4 if end >= 0 else -1
-    if end < 0:
-        alt = buf.find(b"\n\n")
-        end = alt + 2 if alt >= 0 else -1
-    if end < 0:
-        return len(buf) if len(buf) > MAX_HEAD else None
+HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line, as http.server reads it
+
+
+def frame_request(buf):
+    """(length, problem) of the first request in buf, or (None, None) if more is needed.
+    problem None: an ordinary request of `length` bytes (head + exactly Content-Length).
+    problem "close": the body cannot be framed (Transfer-Encoding, odd, repeated or over-limit
+    Content-Length, endless head): only the head is handed over, the handler answers 400/413,
+    and the connection is closed whatever that answer says, so nothing after it can be read as
+    another request (request smuggling). problem "folded": a header continued on the next line
+    (obsolete folding, RFC 9112 5.2), which parsers disagree on: refused outright."""
+    match = HEAD_END.search(buf)
+    if not match:
+        return (len(buf), "close") if len(buf) > MAX_HEAD else (None, None)
+    end = match.end()
     lengths = []
+    problem = None
     for line in bytes(buf[:end]).split(b"\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return end, "folded"
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"transfer-encoding":
-            return end
-        if name == b"content-length":
+            problem = "close"
+        elif name == b"content-length":
             lengths.append(value.strip())
-    if not lengths:
-        return end
+    if problem or not lengths:
+        return end, problem
     if len(lengths) > 1 or not re.fullmatch(rb"[0-9]{1,10}", lengths[0]) \
             or int(lengths[0]) > MAX_BODY:
-        return end
+        return end, "close"
     total = end + int(lengths[0])
-    return total if len(buf) >= total else None
+    return (total, None) if len(buf) >= total else (None, None)
 
 
 class Server:
@@ -2047,13 +2053,17 @@ class Server:
         self._dispatch(conn)
 
     def _dispatch(self, conn):
-        length = request_length(conn.buf)
+        length, problem = frame_request(conn.buf)
         if length is None:
             return
         raw = bytes(conn.buf[:length])
         del conn.buf[:length]
         self.selector.unregister(conn.sock)
-        self.jobs.put((conn, raw))
+        if problem == "folded":
+            self.connections.discard(conn)
+            self._refuse(conn.sock, conn.address, 400, "folded header lines are not accepted")
+            return
+        self.jobs.put((conn, raw, problem == "close"))
 
     def _take_back(self):
         while True:
@@ -2103,12 +2113,12 @@ class Server:
             if job is None:
                 self.jobs.task_done()
                 return
-            conn, raw = job
+            conn, raw, must_close = job
             keep = False
             try:
                 conn.sock.settimeout(self.WRITE_TIMEOUT)
                 handler = Handler(raw, conn.sock, conn.address, self)
-                keep = not handler.close_connection
+                keep = not handler.close_connection and not must_close
             except OSError:
                 pass  # the client went away
             except Exception:

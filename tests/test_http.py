@@ -290,3 +290,21 @@ def test_first_install_on_an_empty_host(tmp_path):
         running.close()
     finally:
         nas.stop()
+
+
+def test_no_smuggling_past_a_401_or_through_a_folded_header(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    running = Running(tmp_path, token_file=str(token))
+    try:
+        answer = running.raw(b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\n"
+                             b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 ") == 1 and b" 413 " in answer.split(b"\r\n")[0]
+        auth = b"Authorization: Bearer s3cret-token-0123456789\r\n"
+        answer = running.raw(b"POST /stop HTTP/1.1\r\nHost: x\r\n" + auth +
+                             b"X-A: a\r\n Transfer-Encoding: chunked\r\n\r\n"
+                             b"GET /version HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        assert answer.count(b"HTTP/1.1 ") == 1 and b" 400 " in answer.split(b"\r\n")[0]
+        assert running.systemd.calls == []
+    finally:
+        running.close()
