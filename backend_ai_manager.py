@@ -712,6 +712,8 @@ def member_path(name):
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts:
         raise ReleaseError(f"archive member {name!r} has an empty name")
+    if len(parts) > 64:
+        raise ReleaseError(f"archive member {name[:80]!r}... is more than 64 folders deep")
     if ".." in parts:
         raise ReleaseError(f"archive member {name!r} contains '..'")
     for part in parts:
@@ -800,6 +802,36 @@ class WriterPool:
             thread.join()
 
 
+MAX_EXTENDED_HEADER = 1 << 20  # one pax or GNU long-name block
+MAX_EXTENDED_TOTAL = 16 << 20   # all of them in one archive
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, made strict for releases: a damaged or cut-short header after
+    the first member raises instead of silently ending the archive (tarfile.next() takes any
+    bad header for the end), and pax / GNU long-name blocks, which tarfile reads whole into
+    memory, are bounded."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:  # a zero block: the archive's proper end
+            raise
+        except tarfile.HeaderError as e:
+            raise ReleaseError(f"release archive is damaged or cut short: {e}") from None
+
+    def _proc_member(self, archive):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            total = getattr(archive, "_bam_extended", 0) + self.size
+            if self.size > MAX_EXTENDED_HEADER or total > MAX_EXTENDED_TOTAL:
+                raise ReleaseError(f"release archive has an extended header of {self.size} "
+                                   "bytes (or too many of them)")
+            archive._bam_extended = total
+        return super()._proc_member(archive)
+
+
 class Extractor:
     """Writes a tar stream into a fresh directory, member by member.
 
@@ -830,9 +862,11 @@ class Extractor:
         os.mkdir(self.dest, 0o755)
         self.pool = WriterPool()
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|", errorlevel=2) as archive:
+            with tarfile.open(fileobj=fileobj, mode="r|", errorlevel=2,
+                              tarinfo=_StrictTarInfo) as archive:
                 for member in archive:
                     self._member(archive, member)
+                    archive.members.clear()  # stream mode keeps every member otherwise
             self.pool.drain()
         except tarfile.TarError as e:
             raise ReleaseError(f"release archive is not a valid tar: {e}") from None
@@ -843,8 +877,10 @@ class Extractor:
         return root
 
     def _member(self, archive, member):
-        if len(self.names) >= self.max_members:
+        if len(self.names) + len(self.dirs) >= self.max_members:
             raise ReleaseError(f"release has more than {self.max_members} members")
+        if member.isdir() and all(p in ("", ".") for p in member.name.split("/")):
+            return  # './' itself, as `tar -C build .` writes it
         path = member_path(member.name)
         if path in self.names:
             raise ReleaseError(f"archive member {path!r} appears twice")
@@ -884,6 +920,8 @@ class Extractor:
             return
         parent = posixpath.dirname(path)
         self._mkdirs(parent)
+        if len(self.names) + len(self.dirs) >= self.max_members:  # folders count as members
+            raise ReleaseError(f"release has more than {self.max_members} members")
         os.mkdir(os.path.join(self.dest, path), 0o755)
         self.dirs.add(path)
 
@@ -947,13 +985,34 @@ class Extractor:
         for path, target in sorted(self.links.items()):
             os.symlink(target, os.path.join(self.dest, path))
         # A lexical check misses a target that goes through another link ('a -> .', 'b -> a/../x'):
-        # resolve each link on disk, now that all exist, and refuse any that leaves the release.
+        # such chained links are resolved on disk, now that all exist, and refused if they leave
+        # the release. Links not passing through another link (all of node_modules/.bin) are
+        # exact lexically and skip the costly realpath.
+        chained = [p for p in self.links if self._through_link(p, self.links[p])]
+        if len(chained) > 1000:
+            raise ReleaseError(f"release has {len(chained)} symlinks through other symlinks")
         top = os.path.realpath(os.path.join(self.dest, root))
-        for path in self.links:
+        for path in chained:
             real = os.path.realpath(os.path.join(self.dest, path))
             if real != top and not real.startswith(top + os.sep):
                 raise ReleaseError(f"symlink {path!r} -> {self.links[path]!r} "
                                    "resolves outside the release")
+
+
+    def _through_link(self, path, target):
+        """True if resolving target from path's folder passes through another link member."""
+        parts = posixpath.dirname(path).split("/") if posixpath.dirname(path) else []
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if parts:
+                    parts.pop()
+                continue
+            parts.append(part)
+            if "/".join(parts) in self.links:
+                return True
+        return False
 
 
 def _write_all(fd, data):
@@ -1431,8 +1490,12 @@ class Updater:
                 root = extractor.extract(stream)
                 self._set(VERIFYING, f"verifying {download.count} bytes, "
                           f"{len(extractor.files)} files")
-                while stream.read():  # the tar's end padding, up to the end of the gzip stream
-                    pass
+                while True:  # the tar's end padding, up to the end of the gzip stream
+                    rest = stream.read()
+                    if not rest:
+                        break
+                    if rest.strip(b"\0"):
+                        raise ReleaseError("release archive has data after the end of the tar")
             finally:
                 stream.close()
             gunzip.finish()

@@ -494,3 +494,40 @@ def test_request_framing(raw, expected, problem):
 
 def test_an_endless_head_is_handed_over_to_be_refused():
     assert bam.frame_request(bytearray(b"GET /" + b"a" * 70000)) == (70005, "close")
+
+
+# --- damaged archives and resource limits ----------------------------------------------------
+
+def test_a_tar_cut_short_or_damaged_after_the_first_member_is_refused(tmp_path):
+    whole = tar_stream([f("package.json", b"{}"), f("dist/a.js", b"a" * 700),
+                        f("dist/b.js", b"b")]).getvalue()
+    second = whole.index(b"dist/a.js") // 512 * 512  # the header of the second member
+    damaged = bytearray(whole)
+    damaged[second + 100] ^= 0xFF  # inside the mode field: the header checksum fails
+    for i, data in enumerate((whole[:second], bytes(damaged), whole[:second] + b"junk" * 128)):
+        sub = tmp_path / str(i)
+        sub.mkdir()
+        with pytest.raises(bam.ReleaseError, match="damaged or cut short"):
+            bam.Extractor(str(sub / "out"), 1 << 20, 100).extract(io.BytesIO(data))
+
+
+def test_extended_headers_are_bounded(tmp_path):
+    members = [(dict(name="x", pax_headers={"comment": "c" * (2 << 20)}), b"x")]
+    with pytest.raises(bam.ReleaseError, match="extended header"):
+        extract(tmp_path, members)
+
+
+def test_folders_count_as_members_and_depth_is_bounded(tmp_path):
+    with pytest.raises(bam.ReleaseError, match="more than 10 members"):
+        extract(tmp_path, [f("a/b/c/d/e/f/g/h/i/j/k/file")], max_members=10)
+    with pytest.raises(bam.ReleaseError, match="64 folders deep"):
+        bam.member_path("a/" * 65 + "f")
+
+
+def test_an_archive_of_dot_extracts_and_dotdot_is_still_refused(tmp_path):
+    dest, root, _ = extract(tmp_path, [d("./"), f("./package.json", b"{}"), d("./dist"),
+                                       f("./dist/a.js")])
+    assert root == "" and os.path.isfile(f"{dest}/dist/a.js")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(bam.ReleaseError, match="'..'"):
+        extract(tmp_path / "x", [d("..")])
