@@ -1391,7 +1391,13 @@ class Updater:
                      "message": message}]
             if self.record["state"] not in WORKING_STATES and not self.record.get("finished_at"):
                 self.record["finished_at"] = utc_now()
-            self._save(durable)
+            try:
+                self._save(durable)
+            except OSError as e:
+                if durable:  # recovery would depend on it: the caller must not go on
+                    raise
+                # A full disk must not stop a job half-way: the record in memory stays true.
+                log.error("cannot write %s: %s", self.record_path, e)
         if message:
             log.log(level, "%s %s: %s", self.record.get("action"), self.record["state"], message)
             sd_notify(f"STATUS={self.record.get('action')} {self.record['state']}: {message}")
@@ -1428,14 +1434,20 @@ class Updater:
             except ManagerError:
                 from_version = None  # nothing (readable) installed yet: a first install
             self._started = time.monotonic()
-            self.record = {
+            record = {
                 "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
                 "version": version, "from_version": from_version,
                 "error": None, "step": None, "started_at": utc_now(), "finished_at": None,
                 "bytes": 0, "total": None, "files": 0, "target": target,
                 "fallback": current, "touched": False, "log": [],
             }
-            self._save()
+            previous, self.record = self.record, record
+            try:
+                self._save()
+            except OSError as e:
+                self.record = previous
+                raise ManagerError(f"cannot write the update record {self.record_path}: "
+                                   f"{e.strerror}") from None
             self.thread = threading.Thread(target=self._run, name=action, daemon=True)
             self.thread.start()
         return self.snapshot(full=False)
@@ -1531,8 +1543,11 @@ class Updater:
         """Switch in a fetched tree or a kept release id, restart, check; raises Unhealthy if
         it does not hold."""
         releases = self.releases
-        self._set(SWAPPING, f"switching to version {self.record['version']}", touched=True,
-                  durable=True)
+        try:
+            self._set(SWAPPING, f"switching to version {self.record['version']}", touched=True,
+                      durable=True)
+        except OSError as e:
+            raise ReleaseError(f"cannot write the update record: {e.strerror}") from None
         failpoint("swap-start")
         entries = releases.entries_for(tree or releases.path(target))
         if releases.foreign(entries):
@@ -1548,6 +1563,7 @@ class Updater:
             failpoint("release-added")
             self._set(message=f"added release {target}", target=target)
         releases.link_entries(entries)
+        self._set(switched=True)
         releases.switch(target)
         failpoint("switched")
         self._restart_and_check()
@@ -1675,8 +1691,9 @@ class Updater:
             self._finish()
             return
         fallback = self.record.get("fallback")
-        if not fallback and self.releases.current_id() is None:
-            # A hand-made install whose first update stopped before any switch: still as it was.
+        if not self.record.get("switched"):
+            # Stopped before the new release was switched in: the install serves what it served
+            # (at most through links to a snapshot of the same files); no restart needed.
             self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
             return
         if fallback and fallback in self.releases.ids():
