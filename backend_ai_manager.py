@@ -571,12 +571,26 @@ class Download:
         self.progress = progress
         self.sha256 = hashlib.sha256()
         self.count = 0
+        self.aborted = False
         length = response.headers.get("Content-Length")
         self.total = int(length) if length and length.isdigit() else None
         if self.total is not None and self.total > limit:
             raise ReleaseError(f"release is {self.total} bytes, over the limit of {limit} bytes")
 
+    def abort(self):
+        """Make a read blocked on the network (in the prefetch thread) return now, and any later
+        read fail, so nothing of this download reaches the record afterwards."""
+        self.aborted = True
+        sock = getattr(getattr(self.response.fp, "raw", None), "_sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def read(self, size=CHUNK):
+        if self.aborted:
+            raise ReleaseError("download stopped")
         if time.monotonic() > self.deadline:
             raise ReleaseError("download took longer than the deadline (--download-timeout)")
         try:
@@ -584,6 +598,8 @@ class Download:
             data = self.response.read1(min(size, CHUNK))
         except (OSError, http.client.HTTPException) as e:
             raise ReleaseError(f"download failed after {self.count} bytes: {e}") from None
+        if self.aborted:
+            raise ReleaseError("download stopped")
         self.count += len(data)
         if self.count > self.limit:
             raise ReleaseError(f"release is over the limit of {self.limit} bytes")
@@ -1508,6 +1524,9 @@ class Updater:
                         break
                     if rest.strip(b"\0"):
                         raise ReleaseError("release archive has data after the end of the tar")
+            except BaseException:
+                download.abort()  # the prefetch thread may be blocked reading a stalled NAS
+                raise
             finally:
                 stream.close()
             gunzip.finish()
@@ -1929,15 +1948,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _log(self, status, error=None):
         """One journal line per request: client, request, status, time taken (and for an error
-        its message); priority error for 5xx, debug for the watchdog's own probes."""
+        its message); priority error for 5xx."""
         ms = (time.monotonic() - self.started) * 1000
-        watchdog = self.headers and self.headers.get("User-Agent") == WATCHDOG_AGENT
         if self.command:
             request = f"{self.command[:20]} {(self.path or '')[:200]}"
         else:  # the request line did not parse: show what came
             request = (getattr(self, "requestline", "") or "-")[:200]
         request = request.encode("ascii", "backslashreplace").decode()
-        level = logging.DEBUG if watchdog else logging.ERROR if status >= 500 else logging.INFO
+        level = logging.ERROR if status >= 500 else logging.INFO
         log.log(level, '%s "%s" %d %.0fms%s', self.client_address[0], request, status, ms,
                 f": {error}" if error else "")
 
@@ -1976,7 +1994,6 @@ class _Connection:
 
 
 MAX_HEAD = 65536
-WATCHDOG_AGENT = "backend-ai-manager-watchdog"
 
 
 HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line, as http.server reads it
@@ -2025,9 +2042,10 @@ class Server:
     KEEPALIVE = 5.0
     WRITE_TIMEOUT = 10.0
 
-    def __init__(self, settings, api):
+    def __init__(self, settings, api, max_connections=None):
         self.api = api
         self.settings = settings
+        self.max_connections = max_connections or settings.max_connections
         family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
         # No HTTPServer.server_bind(): it calls socket.getfqdn(), reverse DNS that hangs where
         # DNS is broken.
@@ -2051,6 +2069,9 @@ class Server:
         self.jobs = queue.Queue()
         self.stopping = threading.Event()
         self.stopped = threading.Event()
+        self.heartbeat = self.last_done = time.monotonic()
+        # A request may legitimately take a systemctl timeout plus writing its answer.
+        self.progress_window = settings.command_timeout + self.WRITE_TIMEOUT + 30
         self.workers = [threading.Thread(target=self._work, name="worker", daemon=True)
                         for _ in range(self.WORKERS)]
         for worker in self.workers:
@@ -2060,6 +2081,7 @@ class Server:
     def serve_forever(self, poll_interval=0.5):
         try:
             while not self.stopping.is_set():
+                self.heartbeat = time.monotonic()
                 for key, _ in self.selector.select(timeout=poll_interval):
                     if key.data is None:
                         self._accept()
@@ -2084,12 +2106,13 @@ class Server:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: keep serving the others
+            except OSError as e:  # EMFILE and the like: keep serving the others, without spinning
                 log.warning("accept failed: %s", e)
+                time.sleep(0.05)
                 return
-            if len(self.connections) >= self.settings.max_connections:
+            if len(self.connections) >= self.max_connections:
                 self._refuse(sock, address, 503, f"too many connections (limit "
-                                        f"{self.settings.max_connections}); try again later")
+                                                 f"{self.max_connections}); try again later")
                 continue
             if self.settings.allow and not client_allowed(address[0], self.settings.allow):
                 self._refuse(sock, address, 403, f"client {address[0]} is not in the allow list")
@@ -2212,7 +2235,19 @@ class Server:
             else:
                 conn.sock.close()
                 self.connections.discard(conn)
+            self.last_done = time.monotonic()
             self.jobs.task_done()
+
+    def stuck(self):
+        """Why the server is not serving (for the watchdog), or None."""
+        now = time.monotonic()
+        if now - self.heartbeat > 5:
+            return f"the connection loop has not turned for {now - self.heartbeat:.0f} s"
+        if self.jobs.unfinished_tasks >= self.WORKERS and \
+                now - self.last_done > self.progress_window:
+            return f"all {self.WORKERS} workers busy and none finished for " \
+                   f"{now - self.last_done:.0f} s"
+        return None
 
     # --- stopping
     def shutdown(self, grace=30.0):
@@ -2271,40 +2306,49 @@ def build_parser():
 
 
 class Watchdog(threading.Thread):
-    """Pings systemd's watchdog (WatchdogSec=, sd_watchdog_enabled(3)) only after a real HTTP
-    request to ourselves was answered: a manager whose accept loop or workers are stuck, or that
-    is frozen, stops pinging and systemd restarts it."""
+    """Pings systemd's watchdog (WatchdogSec=, sd_watchdog_enabled(3)) only while the server
+    is alive: its selector loop has turned within the last few seconds, and a worker is free or
+    one finished a request recently. A frozen manager, a stuck loop or deadlocked workers stop
+    the pings and systemd restarts the manager. (Not a request to itself: slow legitimate
+    requests occupying every worker would starve such a probe and get a healthy manager killed
+    mid-update.)"""
 
-    def __init__(self, settings, stop):
+    def __init__(self, server, stop):
         super().__init__(name="watchdog", daemon=True)
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         enabled = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.interval = int(usec) / 2e6 if enabled else None
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.bind, settings.bind)
-        self.address = (host, settings.port)
+        self.server = server
         self.stop = stop
 
     def start(self):
         if self.interval:
             super().start()
 
-    def probe(self):
-        request = (f"GET /version HTTP/1.1\r\nHost: watchdog\r\nUser-Agent: {WATCHDOG_AGENT}"
-                   "\r\nConnection: close\r\n\r\n").encode()
-        try:
-            with socket.create_connection(self.address, timeout=self.interval) as sock:
-                sock.sendall(request)
-                return sock.recv(16).startswith(b"HTTP/1.1 ")
-        except OSError:
-            return False
-
     def run(self):
         while not self.stop.wait(self.interval):
-            if self.probe():
-                sd_notify("WATCHDOG=1")
+            problem = self.server.stuck()
+            if problem:
+                log.warning("watchdog: %s; not pinging systemd", problem)
             else:
-                log.warning("watchdog: the API did not answer; not pinging systemd")
+                sd_notify("WATCHDOG=1")
+
+
+def raise_file_limit(settings):
+    """Lift the soft open-files limit to the hard one (systemd gives 1024 by default) so that
+    --max-connections can be honoured; clamp it if the hard limit is lower."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    spare = 64  # for the release download, writers, systemctl pipes, the journal
+    if soft != resource.RLIM_INFINITY and settings.max_connections > soft - spare:
+        log.warning("--max-connections %d is over what the open-files limit %d allows; using %d",
+                    settings.max_connections, soft, max(1, soft - spare))
+        return max(1, soft - spare)
+    return settings.max_connections
 
 
 def serve(settings):
@@ -2319,7 +2363,7 @@ def serve(settings):
         return 1
     api = Api(settings, systemd, updater)
     try:
-        server = Server(settings, api)
+        server = Server(settings, api, raise_file_limit(settings))
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.bind, settings.port, e.strerror)
         return 1
@@ -2333,8 +2377,7 @@ def serve(settings):
     log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
              settings.service, settings.bind, settings.port)
     sd_notify("READY=1\nSTATUS=listening")  # only now: the socket listens (Type=notify)
-    watchdog = Watchdog(settings, stop)
-    watchdog.start()
+    Watchdog(server, stop).start()
     stop.wait()
     log.info("stopping: finishing requests in progress")
     sd_notify("STOPPING=1")

@@ -190,6 +190,13 @@ class Nas:
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
                 limit = size // 2 if fault == "truncate" else size
+                if fault == "stall":  # the first 64 KiB, then nothing for 60 s
+                    with open(path, "rb") as f:
+                        self.wfile.write(f.read(65536))
+                        self.wfile.flush()
+                    time.sleep(60)
+                    self.close_connection = True
+                    return
                 if fault == "trickle":  # one byte every 0.2 s, for at most 30 s
                     with open(path, "rb") as f:
                         for _ in range(150):

@@ -308,3 +308,33 @@ def test_no_smuggling_past_a_401_or_through_a_folded_header(tmp_path):
         assert running.systemd.calls == []
     finally:
         running.close()
+
+
+def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
+    """The error is known from the first member; a NAS that then stalls must not hold the job
+    (nor its record) until the per-read timeout."""
+    import io
+    import tarfile
+    nas = Nas(str(tmp_path / "nas")).start()
+    try:
+        running = Running(tmp_path, nas_url=nas.url_template(), download_timeout="120")
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=0) as tar:
+            evil = tarfile.TarInfo("/etc/evil")
+            evil.size = 3
+            tar.addfile(evil, io.BytesIO(b"bad"))
+            pad = tarfile.TarInfo("pad.bin")
+            pad.size = 400000
+            tar.addfile(pad, io.BytesIO(os.urandom(400000)))
+        nas.publish("2.0.11", None, tarball=raw.getvalue())
+        nas.faults[nas.path_of("2.0.11")] = "stall"
+        started = time.monotonic()
+        assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
+        while running.updater.busy() and time.monotonic() - started < 60:
+            time.sleep(0.05)
+        record = running.updater.snapshot()
+        assert record["state"] == "failed" and "absolute" in record["error"], record
+        assert time.monotonic() - started < 10, "the job waited on the stalled NAS"
+        running.close()
+    finally:
+        nas.stop()
