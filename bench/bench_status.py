@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import sandbox as sandbox_mod  # noqa: E402
-from support import REPO, Host, Nas  # noqa: E402
+from support import Host, Lab  # noqa: E402
 
 SHOW = ["systemctl", "show", Host.SERVICE, "-p", "LoadState,ActiveState,SubState,MainPID,"
         "ActiveEnterTimestamp,NRestarts,Result,Description,UnitFileState"]
@@ -185,14 +184,15 @@ def main():
     reason = sandbox_mod.unavailable_reason()
     if reason:
         sys.exit(f"bench: {reason}")
-    work = os.path.join(REPO, ".sandbox", f"bench-{os.getpid()}")
-    os.makedirs(work)
-    sb = nas = host = helper = floor = None
+    with Lab("bench-status") as lab:
+        run(lab, args)
+
+
+def run(lab, args):
+    sb = lab.sandbox
+    helper = floor = None
     try:
-        sb = sandbox_mod.Sandbox(os.path.join(work, "systemd"))
-        sb.start()
-        nas = Nas(os.path.join(work, "nas")).start()
-        host = Host(sb, os.path.join(work, "host"), nas, python=args.python, settle=0)
+        host = lab.host(python=args.python, settle=0)
         host.install_base("4.0.0")
         host.start()
         helper = Helper(sb)
@@ -274,13 +274,6 @@ def main():
             if proc and proc.poll() is None:
                 proc.kill()  # nsenter; what it started inside goes with the sandbox
                 proc.wait()
-        if host:
-            host.stop()
-        if nas:
-            nas.stop()
-        if sb:
-            sb.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

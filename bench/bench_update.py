@@ -15,7 +15,6 @@ Prints figures; asserts nothing (these machines are noisy)."""
 import argparse
 import os
 import random
-import shutil
 import statistics
 import sys
 import tarfile
@@ -25,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import sandbox as sandbox_mod  # noqa: E402
-from support import REPO, Host, Nas, release_files  # noqa: E402
+from support import Lab, release_files  # noqa: E402
 
 WORDS = ("function const return require module exports this that value item list map "
          "filter reduce promise async await undefined null true false object string number "
@@ -119,13 +118,8 @@ def main():
     reason = sandbox_mod.unavailable_reason()
     if reason:
         sys.exit(f"bench: {reason}")
-    work = os.path.join(REPO, ".sandbox", f"bench-{os.getpid()}")
-    os.makedirs(work)
-    sb = nas = host = None
-    try:
-        sb = sandbox_mod.Sandbox(os.path.join(work, "systemd"))
-        sb.start()
-        nas = Nas(os.path.join(work, "nas")).start()
+    with Lab("bench-update") as lab:
+        sb, nas = lab.sandbox, lab.nas
         print("building releases ...", flush=True)
         versions = ["4.0.1", "4.0.2"]
         for seed, version in enumerate(versions):
@@ -138,7 +132,7 @@ def main():
               f"{os.path.getsize(path) / 1e6:.1f} MB .tar.gz, "
               f"{sum(m.issym() for m in members)} symlinks")
 
-        host = Host(sb, os.path.join(work, "host"), nas, python=args.python, settle=0)
+        host = lab.host(python=args.python, settle=0)
         host.install_base("4.0.0")
         host.start()
         timed_update(host, versions[0])  # first update migrates the hand-made install
@@ -146,7 +140,8 @@ def main():
         for i in range(args.runs):
             manager_times.append(timed_update(host, versions[(i + 1) % 2]))
             url = nas.url_template().replace("{version}", versions[i % 2])
-            shell_times.append(shell_update(sb, os.path.join(work, "shell"), url, host.SERVICE))
+            shell_times.append(shell_update(sb, os.path.join(lab.work, "shell"), url,
+                                            host.SERVICE))
         m, s = median(manager_times), median(shell_times)
         print(f"\nupdate, request to succeeded (--settle 0), median of {args.runs}:")
         print(f"  manager:        {m:.3f} s   runs {', '.join(f'{t:.3f}' for t in manager_times)}")
@@ -175,14 +170,6 @@ def main():
             print(f"  idle peak {idle_hwm / 1024:.1f} MB (RSS {idle_rss / 1024:.1f} MB), "
                   f"peak during the update {peak_hwm / 1024:.1f} MB")
             print(f"  growth: {(peak_hwm - idle_hwm) / 1024:.1f} MB  (target <= 10 MB)")
-    finally:
-        if host:
-            host.stop()
-        if nas:
-            nas.stop()
-        if sb:
-            sb.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
