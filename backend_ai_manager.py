@@ -822,30 +822,132 @@ MAX_EXTENDED_HEADER = 1 << 20  # one pax or GNU long-name block
 MAX_EXTENDED_TOTAL = 16 << 20   # all of them in one archive
 
 
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile's header parsing, made strict for releases: a damaged or cut-short header after
-    the first member raises instead of silently ending the archive (tarfile.next() takes any
-    bad header for the end), and pax / GNU long-name blocks, which tarfile reads whole into
-    memory, are bounded."""
+def _tar_number(field):
+    """A numeric header field: octal text, or base-256 when the top bit is set (GNU)."""
+    if field[0] & 0x80:
+        value = int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+        return -value if field[0] & 0x40 else value
+    text = field.split(b"\0", 1)[0].strip()
+    if not re.fullmatch(rb"[0-7]*", text):
+        raise ReleaseError(f"release archive is damaged or cut short: bad number {text!r}")
+    return int(text or b"0", 8)
 
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):
-        try:
-            return super().frombuf(buf, encoding, errors)
-        except tarfile.EOFHeaderError:  # a zero block: the archive's proper end
-            raise
-        except tarfile.HeaderError as e:
-            raise ReleaseError(f"release archive is damaged or cut short: {e}") from None
 
-    def _proc_member(self, archive):
-        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
-            total = getattr(archive, "_bam_extended", 0) + self.size
-            if self.size > MAX_EXTENDED_HEADER or total > MAX_EXTENDED_TOTAL:
-                raise ReleaseError(f"release archive has an extended header of {self.size} "
-                                   "bytes (or too many of them)")
-            archive._bam_extended = total
-        return super()._proc_member(archive)
+def _tar_text(field):
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+class TarReader:
+    """A lean, strict reader of a tar stream (ustar, pax and GNU long names), in place of
+    tarfile's stream mode, which costs three times as much per member and takes any damaged
+    or cut-short header for the end of the archive. Yields tarfile.TarInfo objects; the data
+    of the member just yielded is read with extractfile(member).read(n). Pax and long-name
+    blocks are bounded (they are read whole)."""
+
+    ZERO = bytes(512)
+
+    def __init__(self, fileobj):
+        self._read = fileobj.read
+        self._left = 0      # data bytes of the current member not read yet
+        self._padding = 0   # and the padding after them
+        self._extended = 0
+
+    def _exact(self, n):
+        parts, got = [], 0
+        while got < n:
+            data = self._read(n - got)
+            if not data:
+                raise ReleaseError("release archive is damaged or cut short: it ends inside "
+                                   "a member")
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    def _skip(self, n):
+        while n > 0:
+            n -= len(self._exact(min(n, CHUNK)))
+
+    def extractfile(self, member):
+        return self
+
+    def read(self, size=CHUNK):
+        if self._left <= 0:
+            return b""
+        data = self._read(min(size, self._left))
+        if not data:
+            raise ReleaseError("release archive is damaged or cut short: it ends inside a file")
+        self._left -= len(data)
+        return data
+
+    def __iter__(self):
+        pax, long_name, long_link = {}, None, None
+        while True:
+            self._skip(self._left + self._padding)
+            self._left = self._padding = 0
+            block = self._read(512)
+            if len(block) < 512:
+                block += self._exact(512 - len(block)) if block else b""
+            if not block:
+                raise ReleaseError("release archive is damaged or cut short: no end marker")
+            if block == self.ZERO:
+                return  # the end of the archive; the caller checks that only zeros follow
+            stored = _tar_number(block[148:156])
+            if stored != 256 + sum(block) - sum(block[148:156]) and stored != 256 + sum(
+                    b - 256 if b > 127 else b for b in block[:148] + block[156:]):  # signed sum
+                raise ReleaseError("release archive is damaged or cut short: a header's "
+                                   "checksum is wrong")
+            kind = block[156:157]
+            size = _tar_number(block[124:136])
+            if size < 0:
+                raise ReleaseError("release archive is damaged: a negative size")
+            if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                        tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+                self._extended += size
+                if size > MAX_EXTENDED_HEADER or self._extended > MAX_EXTENDED_TOTAL:
+                    raise ReleaseError(f"release archive has an extended header of {size} "
+                                       "bytes (or too many of them)")
+                data = self._exact(-(-size // 512) * 512)[:size]
+                if kind == tarfile.GNUTYPE_LONGNAME:
+                    long_name = _tar_text(data)
+                elif kind == tarfile.GNUTYPE_LONGLINK:
+                    long_link = _tar_text(data)
+                elif kind != tarfile.XGLTYPE:  # global pax headers change nothing we use
+                    pax = self._pax(data)
+                continue
+            name = _tar_text(block[0:100])
+            if block[257:262] == b"ustar" and block[345] != 0:
+                name = _tar_text(block[345:500]) + "/" + name
+            info = tarfile.TarInfo(pax.get("path", long_name or name))
+            info.linkname = pax.get("linkpath", long_link or _tar_text(block[157:257]))
+            info.size = int(pax["size"]) if "size" in pax else size
+            info.mode = _tar_number(block[100:108])
+            info.type = kind
+            if kind == tarfile.AREGTYPE and info.name.endswith("/"):
+                info.type = tarfile.DIRTYPE  # old tar's way to mark a folder
+            pax, long_name, long_link = {}, None, None
+            if info.type in tarfile.REGULAR_TYPES:
+                self._left = info.size
+                self._padding = -info.size % 512
+            yield info
+
+    @staticmethod
+    def _pax(data):
+        """The 'length key=value\\n' records of a pax header (POSIX.1-2001)."""
+        records, pos = {}, 0
+        while pos < len(data):
+            match = re.match(rb"(\d+) ", data[pos:pos + 20])
+            if not match or int(match.group(1)) < len(match.group(0)) + 2:
+                raise ReleaseError("release archive is damaged: a bad pax header")
+            end = pos + int(match.group(1))
+            key, sep, value = data[pos + len(match.group(0)):end - 1].partition(b"=")
+            if not sep or data[end - 1:end] != b"\n":
+                raise ReleaseError("release archive is damaged: a bad pax header")
+            records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
+                                                                           "surrogateescape")
+            pos = end
+        if "size" in records and not records["size"].isdigit():
+            raise ReleaseError("release archive is damaged: a bad pax size")
+        return records
 
 
 class Extractor:
@@ -878,14 +980,10 @@ class Extractor:
         os.mkdir(self.dest, 0o755)
         self.pool = WriterPool()
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|", errorlevel=2,
-                              tarinfo=_StrictTarInfo) as archive:
-                for member in archive:
-                    self._member(archive, member)
-                    archive.members.clear()  # stream mode keeps every member otherwise
+            archive = TarReader(fileobj)
+            for member in archive:
+                self._member(archive, member)
             self.pool.drain()
-        except tarfile.TarError as e:
-            raise ReleaseError(f"release archive is not a valid tar: {e}") from None
         finally:
             self.pool.close()
         root = self._root()
@@ -2065,6 +2163,7 @@ class Server:
         self.wake_r.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.connections = set()
+        self.lingering = {}  # refused sockets being drained before close: socket -> deadline
         self.returned = queue.Queue()  # connections handed back by workers (keep-alive)
         self.jobs = queue.Queue()
         self.stopping = threading.Event()
@@ -2087,6 +2186,8 @@ class Server:
                         self._accept()
                     elif key.data == "wake":
                         self._drain_wake()
+                    elif key.data == "linger":
+                        self._linger(key.fileobj)
                     else:
                         self._read(key.data)
                 self._take_back()
@@ -2135,9 +2236,29 @@ class Server:
         try:
             sock.setblocking(False)
             sock.send(head + body)
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        sock.close()
+            sock.close()
+            return
+        # Lingering close: closing with the client's request still unread would send a reset
+        # that can destroy this answer in flight; read and drop what comes for up to 2 s.
+        if len(self.lingering) >= 256:
+            sock.close()
+            return
+        self.lingering[sock] = time.monotonic() + 2
+        self.selector.register(sock, selectors.EVENT_READ, "linger")
+
+    def _linger(self, sock, force=False):
+        try:
+            data = b"" if force else sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(sock)
+            self.lingering.pop(sock, None)
+            sock.close()
 
     def _read(self, conn):
         try:
@@ -2187,6 +2308,9 @@ class Server:
 
     def _expire(self):
         now = time.monotonic()
+        for sock, deadline in list(self.lingering.items()):
+            if now > deadline:
+                self._linger(sock, force=True)
         for conn in self._registered():
             if now > conn.deadline:
                 if not conn.idle:
