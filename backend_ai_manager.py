@@ -26,7 +26,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tarfile
@@ -714,8 +713,8 @@ class Prefetch:
     def close(self):
         """Stop the thread (also when the reader gave up early) and wait for it."""
         self._stop.set()
-        self._thread.join(timeout=5)  # a read blocked on the network ends when the caller
-        # closes the response
+        # A read blocked on the network ends when the caller aborts the download.
+        self._thread.join(timeout=5)
 
 
 def member_path(name):
@@ -2193,8 +2192,9 @@ class Server:
                 self._take_back()
                 self._expire()
         finally:
+            registered = self._registered()  # connections a worker does not hold
             for conn in list(self.connections):
-                if conn.idle or conn in self._registered():
+                if conn.idle or conn in registered:
                     self._close(conn)
             self.stopped.set()
 
