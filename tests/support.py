@@ -286,8 +286,10 @@ class Host:
     SERVICE = "ai-hub.service"
     MANAGER_UNIT = "ai-hub-manager.service"
 
-    def __init__(self, sandbox, base, nas, python="/usr/bin/python3", settle=1, env=None):
+    def __init__(self, sandbox, base, nas, python="/usr/bin/python3", settle=1, env=None,
+                 service_unit_lines=()):
         self.sandbox, self.base, self.nas, self.python = sandbox, base, nas, python
+        self.service_unit_lines = service_unit_lines  # added to the service's [Unit] section
         self.install_dir = os.path.join(base, "install")
         self.state_dir = os.path.join(base, "state")
         self.port = free_port()
@@ -308,7 +310,8 @@ class Host:
     def write_units(self):
         service = unit_text("example-ai-hub.service").replace(
             "/opt/backend-ai/hub", self.install_dir).replace(
-            "PORT=3000", f"PORT={self.service_port}")
+            "PORT=3000", f"PORT={self.service_port}").replace(
+            "[Unit]\n", "[Unit]\n" + "".join(f"{line}\n" for line in self.service_unit_lines), 1)
         manager = []
         for line in unit_text("ai-hub-manager.service").splitlines():
             if line.startswith("ExecStart="):
@@ -413,8 +416,8 @@ class Lab:
     sandbox, a NAS on loopback, and the hosts made with host(). `with Lab("demo") as lab:`
     stops and removes all of it on the way out, also on failure."""
 
-    def __init__(self, name):
-        self.work = os.path.join(REPO, ".sandbox", f"{name}-{os.getpid()}")
+    def __init__(self, name, parent=None):
+        self.work = os.path.join(parent or os.path.join(REPO, ".sandbox"), f"{name}-{os.getpid()}")
         self.sandbox = self.nas = None
         self.hosts = []
         self.boot_seconds = None

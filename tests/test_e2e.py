@@ -220,3 +220,15 @@ def test_systemctl_failures_come_back_with_systemds_own_words(host):
         finally:
             host.sandbox.systemctl("stop", probe_unit)
     host.sandbox.systemctl("stop", "ai-slow.service")
+
+
+def test_restarts_past_systemds_start_rate_limit(host):
+    # systemd's default allows 5 starts in 10 s; an operator's restarts must all go through.
+    pids = [host.main_pid()]
+    for _ in range(7):
+        status, body = host.api("POST", "/restart")
+        assert status == 200 and body["success"] is True, body
+        pids.append(host.main_pid())
+    assert len(set(pids)) == len(pids) and host.is_active() == "active"
+    result = host.sandbox.systemctl("show", host.SERVICE, "-p", "Result", "--value")
+    assert result.stdout.strip() == "success"

@@ -265,6 +265,50 @@ def test_a_folder_listed_after_its_files_is_fine(tmp_path):
     assert os.path.isfile(f"{dest}/dist/a.js")
 
 
+def test_folders_made_by_the_writer_threads_come_before_what_goes_in_them(tmp_path):
+    # Folders and small files are made by the pool's threads, each after its folder; big files
+    # are streamed by the parsing thread once their folder exists.
+    big = os.urandom(bam.Extractor.SMALL + 1000)
+    members = []
+    for i in range(60):
+        members += [f(f"m/p{i}/lib/sub{j}/x{j}.js", b"%d-%d" % (i, j)) for j in range(4)]
+        if i % 20 == 0:
+            members.append(f(f"m/p{i}/deep/er/big.bin", big))
+    dest, root, ex = extract(tmp_path, members, max_bytes=10 << 20, max_members=2000)
+    for i in range(60):
+        for j in range(4):
+            assert open(f"{dest}/m/p{i}/lib/sub{j}/x{j}.js", "rb").read() == b"%d-%d" % (i, j)
+    for i in (0, 20, 40):
+        assert open(f"{dest}/m/p{i}/deep/er/big.bin", "rb").read() == big
+    assert len(ex.dirs) == 1 + 1 + 60 * 6 + 3 * 2  # '', m, per package 6, 2 more with big.bin
+
+
+def test_a_folder_the_pool_cannot_make_fails_the_files_in_it_without_hanging(tmp_path):
+    pool = bam.WriterPool(threads=2)
+    try:
+        made = bam.threading.Event()
+        pool.submit(str(tmp_path / "missing" / "dir"), None, 0o755, done=made)
+        pool.submit(str(tmp_path / "missing" / "dir" / "f"), b"data", 0o644, after=made)
+        with pytest.raises(bam.ReleaseError, match="cannot write .*missing/dir"):
+            pool.drain()
+        assert made.is_set() and not os.path.exists(tmp_path / "missing")
+        with pytest.raises(bam.ReleaseError):  # and nothing more is taken
+            pool.submit(str(tmp_path / "g"), b"x", 0o644)
+    finally:
+        pool.close()
+
+
+def test_sync_filesystem_flushes_a_folder_and_refuses_a_file(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    bam.sync_filesystem(str(tmp_path))
+    with pytest.raises(NotADirectoryError):
+        bam.sync_filesystem(str(tmp_path / "file"))
+    flusher = bam.Flusher(str(tmp_path))
+    assert flusher._thread.is_alive()
+    flusher.stop()
+    assert not flusher._thread.is_alive()
+
+
 def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
     dest, root, _ = extract(tmp_path, [f("package/package.json", b"{}"),
                                        f("package/dist/x.js"),
