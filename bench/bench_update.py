@@ -69,7 +69,7 @@ def timed_update(host, version, watch="file", poll=None):
     the client here)."""
     poll = poll or (0.001 if watch == "file" else 0.005)
     record_path = os.path.join(host.state_dir, "update.json")
-    settle_disk(host.sandbox)
+    settle_disk(host.sandbox, host)
     started = time.monotonic()
     status, body = host.api("POST", "/update", {"version": version})
     assert status == 200, body
@@ -103,19 +103,24 @@ systemctl restart {unit}
 """
 
 
-def settle_disk(sb, root=None):
-    """Untimed: delete what the last run left, flush it, and let the disk quiet down, so that
-    no run pays for the previous one's deletions (this ext4 is mounted with online discard)."""
+def settle_disk(sb, host, root=None):
+    """Untimed: delete what the last run left, wait for the manager to finish deleting the
+    releases it pruned after its last `succeeded`, flush, and let the disk quiet down, so that
+    no run pays for a previous one's deletions (this ext4 is mounted with online discard)."""
     if root:
         sb.run(["rm", "-rf", f"{root}/new", f"{root}/old"])
+    staging = os.path.join(host.state_dir, "staging")
+    deadline = time.monotonic() + 60
+    while os.path.isdir(staging) and os.listdir(staging) and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.sync()
     time.sleep(0.5)
 
 
-def shell_update(sb, root, url, unit):
-    settle_disk(sb, root)
+def shell_update(sb, host, root, url):
+    settle_disk(sb, host, root)
     started = time.monotonic()
-    result = sb.run(["sh", "-c", SHELL.format(root=root, url=url, unit=unit)], timeout=300)
+    result = sb.run(["sh", "-c", SHELL.format(root=root, url=url, unit=host.SERVICE)], timeout=300)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     return elapsed
@@ -170,8 +175,7 @@ def main():
                 version += 1
                 manager_times[watch].append(timed_update(host, versions[version % 2], watch))
             url = nas.url_template().replace("{version}", versions[i % 2])
-            shell_times.append(shell_update(sb, os.path.join(lab.work, "shell"), url,
-                                            host.SERVICE))
+            shell_times.append(shell_update(sb, host, os.path.join(lab.work, "shell"), url))
         s = median(shell_times)
         print(f"\nupdate, request to succeeded (--settle 0), median of {args.runs}:")
         print(f"  curl|tar xz+mv:        {s:.3f} s   runs "
