@@ -37,5 +37,9 @@ lint:
 		bad=sorted(m-set(sys.stdlib_module_names)); print("imports outside the standard library:", bad) if bad else None; sys.exit(1 if bad else 0)'
 	@echo "lint ok"
 
+bench:
+	$(PYTHON) bench/bench_update.py
+	$(PYTHON) bench/bench_status.py
+
 clean:
 	rm -rf .sandbox .pytest_cache tests/__pycache__ __pycache__

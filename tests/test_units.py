@@ -306,6 +306,7 @@ def test_sync_filesystem_flushes_a_folder_and_refuses_a_file(tmp_path):
     flusher = bam.Flusher(str(tmp_path))
     assert flusher._thread.is_alive()
     flusher.stop()
+    flusher._thread.join(timeout=10)
     assert not flusher._thread.is_alive()
 
 
