@@ -1,6 +1,6 @@
 """Update speed and memory, measured in one run against baselines from the same run.
 
-    python3 bench/bench_update.py [--runs 5] [--big-mb 1024] [--skip-big]
+    python3 bench/bench_update.py [--runs 9] [--big-mb 1024] [--skip-big] [--work-dir DIR]
 
 1. Speed: a realistic release (about 2,400 files, 45 MB, a node_modules/ tree with .bin links),
    served from a NAS on loopback. The manager's update, from POST /update to `succeeded` with
@@ -10,7 +10,9 @@
    against its own peak when idle. Target: no more than 10 MB above.
 
 Everything runs in a throwaway systemd (tests/sandbox.py) and talks only to 127.0.0.1.
-Prints figures; asserts nothing (these machines are noisy)."""
+Prints figures; asserts nothing (these machines are noisy). Run it on a filesystem that has not
+deleted thousands of files in the last few minutes (see KEEP below): wait about 6 minutes
+after the previous run, or give --work-dir on another filesystem."""
 
 import argparse
 import json
@@ -69,7 +71,7 @@ def timed_update(host, version, watch="file", poll=None):
     machine (both sides' work: HTTP in the manager, the client here)."""
     poll = poll or (0.001 if watch == "file" else 0.005)
     record_path = os.path.join(host.state_dir, "update.json")
-    settle_disk(host.sandbox, host)
+    settle_disk()
     started = time.monotonic()
     status, body = host.api("POST", "/update", {"version": version})
     assert status == 200, body
@@ -99,7 +101,7 @@ def timed_update(host, version, watch="file", poll=None):
 
 
 SHELL = r"""set -e
-new={root}/new; old={root}/old
+new={root}/new-{run}; old={root}/old-{run}
 mkdir -p "$new"
 curl -sf {url} | tar xz -C "$new"
 mkdir -p {root}/live
@@ -107,25 +109,28 @@ for e in "$new"/* ; do n=$(basename "$e"); if [ -e {root}/live/$n ]; then mkdir 
 systemctl restart {unit}
 """
 
+# Nothing is deleted between runs, on either side (the manager keeps up to 100 releases, the
+# shell a folder per run), and the bench asks for a filesystem that has not deleted many files
+# in the last minutes. ext4 without a journal (this machine's root) will not reuse an inode
+# freed less than 60 s ago (360 s while its inode table block is dirty): creating files right
+# after deleting thousands scans past every such inode, in kernel time (perf:
+# recently_deleted() under ext4_create), which once made tar here 10x slower. Real updates are
+# minutes apart; a benchmark deleting a release every few seconds measured mostly that scan.
+KEEP = 100
 
-def settle_disk(sb, host, root=None):
-    """Untimed: delete what the last run left, wait for the manager to finish deleting the
-    releases it pruned after its last `succeeded`, flush, and let the disk quiet down, so that
-    no run pays for a previous one's deletions (this ext4 is mounted with online discard)."""
-    if root:
-        sb.run(["rm", "-rf", f"{root}/new", f"{root}/old"])
-    staging = os.path.join(host.state_dir, "staging")
-    deadline = time.monotonic() + 60
-    while os.path.isdir(staging) and os.listdir(staging) and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+def settle_disk():
+    """Untimed: flush what the last run wrote and let the disk quiet down, so that no run pays
+    for another's writeback."""
     os.sync()
     time.sleep(0.5)
 
 
-def shell_update(sb, host, root, url):
-    settle_disk(sb, host, root)
+def shell_update(sb, host, root, url, run):
+    settle_disk()
     started = time.monotonic()
-    result = sb.run(["sh", "-c", SHELL.format(root=root, url=url, unit=host.SERVICE)], timeout=300)
+    result = sb.run(["sh", "-c", SHELL.format(root=root, url=url, unit=host.SERVICE, run=run)],
+                    timeout=300)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     return elapsed
@@ -167,7 +172,7 @@ def main():
 
         # Both sides restart the service about once a second: lift systemd's start rate limit
         # for both, rather than have the shell pipeline fail or pay for a reset-failed.
-        host = lab.host(python=args.python, settle=0,
+        host = lab.host(python=args.python, settle=0, env={"BACKEND_AI_KEEP_BACKUPS": str(KEEP)},
                         service_unit_lines=["StartLimitIntervalSec=0"])
         host.install_base("4.0.0")
         host.start()
@@ -175,12 +180,12 @@ def main():
         watches = ("file", "http") if args.watch == "both" else (args.watch,)
         manager_times, shell_times = {w: [] for w in watches}, []
         version = 0
-        for i in range(args.runs):  # interleaved, so each pair sees the same disk weather
+        for i in range(args.runs):  # interleaved, so each pair sees the same machine state
             for watch in watches:
                 version += 1
                 manager_times[watch].append(timed_update(host, versions[version % 2], watch))
             url = nas.url_template().replace("{version}", versions[i % 2])
-            shell_times.append(shell_update(sb, host, os.path.join(lab.work, "shell"), url))
+            shell_times.append(shell_update(sb, host, os.path.join(lab.work, "shell"), url, i))
         s = median(shell_times)
         print(f"\nupdate, request to succeeded (--settle 0), median of {args.runs}:")
         print(f"  curl|tar xz+mv:        {s:.3f} s   runs "
@@ -194,9 +199,7 @@ def main():
             print(f"    ratio of medians manager/shell: {m / s:.2f}x, median of paired ratios: "
                   f"{median(ratios):.2f}x, best against best: "
                   f"{min(times) / min(shell_times):.2f}x  (target <= 1.30x)")
-            # This disk's speed swings several-fold from minute to minute, and the manager's
-            # lead is largest while it is slow: show the third of the runs where the shell was
-            # fastest apart, the manager's hardest case.
+            # The third of the runs where the shell was fastest: the manager's hardest case.
             fastest = sorted(zip(shell_times, ratios))[:max(1, len(ratios) // 3)]
             print(f"    the {len(fastest)} runs where the shell was fastest "
                   f"({', '.join(f'{t:.3f} s' for t, _ in fastest)}): paired ratios "
