@@ -10,9 +10,8 @@
    against its own peak when idle. Target: no more than 10 MB above.
 
 Everything runs in a throwaway systemd (tests/sandbox.py) and talks only to 127.0.0.1.
-Prints figures; asserts nothing (these machines are noisy). Run it on a filesystem that has not
-deleted thousands of files in the last few minutes (see KEEP below): wait about 6 minutes
-after the previous run, or give --work-dir on another filesystem."""
+Prints figures; asserts nothing (these machines are noisy). For the steadiest figures give
+--work-dir on a fresh filesystem, or wait some minutes after the previous run (see KEEP)."""
 
 import argparse
 import json
@@ -110,12 +109,10 @@ systemctl restart {unit}
 """
 
 # Nothing is deleted between runs, on either side (the manager keeps up to 100 releases, the
-# shell a folder per run), and the bench asks for a filesystem that has not deleted many files
-# in the last minutes. ext4 without a journal (this machine's root) will not reuse an inode
-# freed less than 60 s ago (360 s while its inode table block is dirty): creating files right
-# after deleting thousands scans past every such inode, in kernel time (perf:
-# recently_deleted() under ext4_create), which once made tar here 10x slower. Real updates are
-# minutes apart; a benchmark deleting a release every few seconds measured mostly that scan.
+# shell a folder per run). On ext4 without a journal (this machine's root) creating files soon
+# after deleting thousands is slowed by ext4's check against reusing recently freed inodes
+# (perf: recently_deleted() under ext4_create, all kernel time); a bench deleting a release
+# every few seconds measured mostly that. See README, Performance.
 KEEP = 100
 
 
