@@ -536,16 +536,14 @@ class Systemd:
         """systemctl start|stop|restart; returns once systemd has finished the job."""
         self.invalidate()
         try:
-            result = run_command(["systemctl", action, self.unit], self.control_timeout)
-            if not result.ok and not result.timed_out and action in ("start", "restart"):
+            if action in ("start", "restart"):
                 # A start asked for explicitly must not be refused by the start rate limit that
-                # earlier restarts or a crash loop used up ("Start request repeated too
-                # quickly"): clear it and ask once more. Any failure gets this second try, as
-                # the unit's Result keeps the reason of an earlier failure (exit-code) when the
-                # limit is what refused it. Cleared only then: it costs a call per restart.
+                # earlier restarts or a crash loop used up ("Start request repeated too quickly").
+                # Cleared before, not after a failure: the unit's Result does not tell that
+                # case apart (it keeps exit-code from the crash loop), and a retry would start a
+                # failing unit twice and undo a stop that cancelled the start.
                 run_command(["systemctl", "reset-failed", self.unit], self.QUERY_TIMEOUT)
-                result = run_command(["systemctl", action, self.unit], self.control_timeout)
-            self._check(result)
+            self._check(run_command(["systemctl", action, self.unit], self.control_timeout))
         finally:
             self.invalidate()
 
@@ -819,9 +817,10 @@ class WriterPool:
                         os.mkdir(path, mode)
                     else:
                         _create(path, data, mode)
-            except OSError as e:
+            except Exception as e:  # recorded, never lost with the thread
+                reason = e.strerror if isinstance(e, OSError) else f"internal error: {e}"
                 with self.cond:
-                    self.error = self.error or ReleaseError(f"cannot write {path}: {e.strerror}")
+                    self.error = self.error or ReleaseError(f"cannot write {path}: {reason}")
             finally:
                 if done is not None:
                     done.set()
@@ -1267,49 +1266,72 @@ def _libc_function(name):
         return None
 
 
-def sync_filesystem(path):
-    """Flush the filesystem holding `path` to disk: syncfs(2), which also reports a write
-    error there; sync(2) where syncfs is not available."""
-    syncfs = _libc_function("syncfs")
-    if syncfs is None:
-        os.sync()
-        return
-    import ctypes
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-
-
 class Flusher:
-    """While a release is being written, flushes its filesystem every INTERVAL seconds in a
-    thread of its own, so the data goes to disk as it comes and the sync that must precede the
-    switch has little left to do (measured: 1-5 ms instead of 35-50 ms for our 47 MB test
-    release, and a slow disk slows the extraction less). Errors here are left to that final
-    sync, which reports them."""
+    """Makes what is written under `path` durable, and reports any write error.
+
+    The directory is opened before anything is written, and every syncfs(2) goes through that
+    one descriptor: the kernel reports a write error once per open file, and only errors that
+    happened after it was opened, so a descriptor opened for the last sync alone could miss an
+    error that an earlier flush had already collected. Between start() and stop() a thread
+    flushes every INTERVAL seconds, so the data goes to disk as it comes and the sync that must
+    precede the switch has little left to do (measured: 1-5 ms instead of 35-50 ms for our
+    47 MB test release). Where syncfs is missing there is no thread (sync(2) is system-wide)
+    and finish() calls sync(), which reports nothing."""
 
     INTERVAL = 0.05
 
     def __init__(self, path):
-        self.path = path
+        self._syncfs = _libc_function("syncfs")
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.error = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
-        self._thread.start()
+        self._thread = None
+
+    def start(self):
+        """Flush in the background from now on, until stop()."""
+        if self._syncfs is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+            self._thread.start()
+
+    def _flush(self):
+        if self._syncfs is None:
+            os.sync()
+        elif self._syncfs(self.fd) != 0:
+            import ctypes
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     def _run(self):
         while not self._stop.wait(self.INTERVAL):
             try:
-                sync_filesystem(self.path)
-            except OSError:
+                self._flush()
+            except OSError as e:
+                self.error = e  # for finish() to raise
                 return
 
     def stop(self):
-        """Ask the thread to end; a flush in progress is not waited for (the final sync that
-        follows waits for the disk anyway)."""
+        """No more background flushes (the one in progress finishes)."""
         self._stop.set()
+
+    def finish(self):
+        """The last flush; raise the first write error seen since the start."""
+        self.stop()
+        if self._thread:
+            self._thread.join()
+        try:
+            self._flush()
+        except OSError as e:
+            self.error = self.error or e
+        if self.error:
+            raise self.error
+
+    def close(self):
+        self.stop()
+        if self._thread:
+            self._thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _exchange(a, b):
@@ -1445,6 +1467,25 @@ class Releases:
     def snapshot(self, entries):
         """Copy the live content of `entries` into a new kept release; return its id."""
         tree = self.new_staging("snapshot")
+        flusher = Flusher(tree)
+        try:
+            self._copy_live(entries, tree)
+            try:
+                flusher.finish()
+            except OSError as e:
+                raise ReleaseError(f"cannot write the live install's copy to disk: "
+                                   f"{e.strerror}") from None
+        finally:
+            flusher.close()
+        try:
+            version, _name = read_package_json(os.path.join(tree, "package.json"))
+            version = parse_version(version)
+        except (ReleaseError, BadRequest):
+            version = "unknown"
+        return self.add(tree, version)
+
+    def _copy_live(self, entries, tree):
+        """Copy each live entry of the install dir (links kept as links) into tree/."""
         for entry in entries:
             live = os.path.join(self.install_dir, entry)
             if not os.path.exists(live):
@@ -1453,13 +1494,6 @@ class Releases:
                 shutil.copytree(live, os.path.join(tree, entry), symlinks=True)
             else:
                 shutil.copy2(live, os.path.join(tree, entry))
-        try:
-            version, _name = read_package_json(os.path.join(tree, "package.json"))
-            version = parse_version(version)
-        except (ReleaseError, BadRequest):
-            version = "unknown"
-        sync_filesystem(tree)
-        return self.add(tree, version)
 
     def link_entries(self, entries):
         """Make INSTALL/<entry> our link for each entry. A real entry is exchanged for its link
@@ -1684,6 +1718,18 @@ class Updater:
     def _fetch(self, version, staging):
         """Download, verify and extract a release into staging/; return the synced tree's path.
         It gets its release id only when it is switched in, so ids follow the install order."""
+        flusher = Flusher(staging)  # before anything is written: see Flusher
+        try:
+            tree = self._download(version, staging, flusher)
+            try:  # one sync for the whole tree is far cheaper than a fsync per file
+                flusher.finish()
+            except OSError as e:
+                raise ReleaseError(f"cannot write the release to disk: {e.strerror}") from None
+            return tree
+        finally:
+            flusher.close()
+
+    def _download(self, version, staging, flusher):
         s = self.settings
         url = s.nas_url.replace("{version}", version)
         deadline = time.monotonic() + s.download_timeout
@@ -1702,7 +1748,7 @@ class Updater:
             # Download, decompression and extraction overlap in one pass; nothing outside
             # staging/ is touched until every check below has passed.
             stream = Prefetch(gunzip.read)
-            flusher = Flusher(staging)
+            flusher.start()
             try:
                 root = extractor.extract(stream)
                 self._set(VERIFYING, f"verifying {download.count} bytes, "
@@ -1734,10 +1780,6 @@ class Updater:
             raise ReleaseError("the release has no dist/ folder")
         self._set(EXTRACTING, f"syncing {len(extractor.files)} files to disk",
                   sha256=digest)
-        try:  # one sync for the whole tree is far cheaper than a fsync per file
-            sync_filesystem(tree)
-        except OSError as e:
-            raise ReleaseError(f"cannot write the release to disk: {e.strerror}") from None
         return tree
 
     def _checksum(self, url, timeout):

@@ -298,16 +298,55 @@ def test_a_folder_the_pool_cannot_make_fails_the_files_in_it_without_hanging(tmp
         pool.close()
 
 
-def test_sync_filesystem_flushes_a_folder_and_refuses_a_file(tmp_path):
+def test_flusher_flushes_through_one_descriptor_and_refuses_a_file(tmp_path):
     (tmp_path / "file").write_bytes(b"x")
-    bam.sync_filesystem(str(tmp_path))
     with pytest.raises(NotADirectoryError):
-        bam.sync_filesystem(str(tmp_path / "file"))
+        bam.Flusher(str(tmp_path / "file"))
     flusher = bam.Flusher(str(tmp_path))
+    fd = flusher.fd
+    flusher.start()
     assert flusher._thread.is_alive()
-    flusher.stop()
-    flusher._thread.join(timeout=10)
-    assert not flusher._thread.is_alive()
+    (tmp_path / "data").write_bytes(b"y" * 100000)
+    flusher.finish()  # no error on a healthy disk
+    assert not flusher._thread.is_alive() and flusher.fd == fd
+    flusher.close()
+    assert flusher.fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_write_error_a_background_flush_saw_is_raised_by_the_last_one(tmp_path):
+    # The kernel reports a write error once per open file: if a background syncfs() collected
+    # it, the last one returns 0, so the flusher must remember it. (A stand-in for syncfs on a
+    # failing disk.)
+    import ctypes
+    calls = []
+
+    def syncfs(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            ctypes.set_errno(5)  # EIO
+            return -1
+        return 0
+
+    flusher = bam.Flusher(str(tmp_path))
+    flusher._syncfs = syncfs
+    flusher.INTERVAL = 0.01
+    flusher.start()
+    flusher._thread.join(timeout=10)  # the thread ends at the first error
+    with pytest.raises(OSError) as info:
+        flusher.finish()
+    flusher.close()
+    assert info.value.errno == 5 and len(calls) == 2 and set(calls) == {calls[0]}
+
+
+def test_a_writer_that_fails_unexpectedly_fails_the_extraction_instead_of_hanging(tmp_path,
+                                                                                 monkeypatch):
+    def broken(path, data, mode):
+        raise ValueError("boom")
+    monkeypatch.setattr(bam, "_create", broken)
+    with pytest.raises(bam.ReleaseError, match="internal error: boom"):
+        extract(tmp_path, [f(f"d/f{i}") for i in range(20)])
 
 
 def test_a_single_wrapping_folder_is_the_release_root(tmp_path):
