@@ -754,9 +754,14 @@ def link_target_inside(link_path, target, root):
     return root == "" or resolved == root or resolved.startswith(root + "/")
 
 
+def _open_new(path, mode):
+    """Open a new file for writing: never through a link, never over anything."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def _create(path, data, mode):
-    """Create a new file (never through a link, never over anything) holding `data`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    """Create a new file holding `data`."""
+    fd = _open_new(path, mode)
     try:
         _write_all(fd, data)
     finally:
@@ -1093,8 +1098,7 @@ class Extractor:
             folder.wait()
             if self.pool.error:
                 raise self.pool.error
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                         os.O_CLOEXEC, mode)
+            fd = _open_new(target, mode)
             size = 0
             try:
                 while True:
@@ -1147,7 +1151,6 @@ class Extractor:
             if real != top and not real.startswith(top + os.sep):
                 raise ReleaseError(f"symlink {path!r} -> {self.links[path]!r} "
                                    "resolves outside the release")
-
 
     def _through_link(self, path, target):
         """True if resolving target from path's folder passes through another link member."""
@@ -1936,20 +1939,17 @@ class Updater:
         if state not in WORKING_STATES:
             return
         why = f"the manager stopped during '{state}'"
-        if not self.record.get("touched"):
-            self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
-            return
         if self.record.get("committed"):
             # The new release had proved healthy; only the clean-up was left to do.
             self._set(message=f"{why}, after the release proved healthy; finishing")
             self._finish()
             return
-        fallback = self.record.get("fallback")
-        if not self.record.get("switched"):
+        if not self.record.get("switched"):  # set after `touched`, before the switch
             # Stopped before the new release was switched in: the install serves what it served
             # (at most through links to a snapshot of the same files); no restart needed.
             self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
             return
+        fallback = self.record.get("fallback")
         if fallback and fallback in self.releases.ids():
             if self.releases.current_id() != fallback:
                 self.releases.switch(fallback)
@@ -2123,9 +2123,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, payload, headers, head=(method == "HEAD"))
 
     def _access(self, settings):
-        if settings.allow and not client_allowed(self.client_address[0], settings.allow):
-            raise ManagerError(f"client {self.client_address[0]} is not in the allow list",
-                               status=403)
+        # The allow list was checked when the connection was accepted (Server._accept).
         token = settings.token()
         if token:
             given = self.headers.get("Authorization", "")

@@ -72,6 +72,13 @@ class Running:
         conn.close()
         return response.status, (json.loads(raw) if raw else None), response
 
+    def wait_update(self, timeout):
+        """Wait (at most `timeout` s) until the update job is over; return its record."""
+        deadline = time.monotonic() + timeout
+        while self.updater.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.updater.snapshot()
+
     def raw(self, data, read_until_close=True):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
             sock.sendall(data)
@@ -244,9 +251,7 @@ def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
             code, body, _ = running.request("POST", f"/{action}")
             assert code == 409, action
         assert running.systemd.calls == []
-        deadline = time.monotonic() + 40
-        while running.updater.busy() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        running.wait_update(40)
         code, body, _ = running.request("GET", "/update")
         assert body["state"] == "failed", body
         assert "timed out" in body["error"] or "deadline" in body["error"], body
@@ -261,10 +266,7 @@ def test_require_checksum_refuses_a_release_without_one(tmp_path):
         running = Running(tmp_path, nas_url=nas.url_template(), require_checksum=True)
         nas.publish("2.0.11", release_files("2.0.11"), checksum=False)
         assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
-        deadline = time.monotonic() + 20
-        while running.updater.busy() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        record = running.updater.snapshot()
+        record = running.wait_update(20)
         assert record["state"] == "failed" and "--require-checksum" in record["error"], record
         assert nas.requests == ["/api/raw/2.0.11/hub-2.0.11.tar.gz.sha256"]  # tarball not fetched
         assert running.systemd.calls == []
@@ -280,10 +282,7 @@ def test_first_install_on_an_empty_host(tmp_path):
         (tmp_path / "install" / "package.json").unlink()
         nas.publish("2.0.11", release_files("2.0.11"))
         assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
-        deadline = time.monotonic() + 20
-        while running.updater.busy() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        record = running.updater.snapshot()
+        record = running.wait_update(20)
         assert record["state"] == "succeeded" and record["from_version"] is None, record
         assert running.request("GET", "/version")[1]["version"] == "2.0.11"
         assert running.systemd.calls == ["restart"]
@@ -330,9 +329,7 @@ def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
         nas.faults[nas.path_of("2.0.11")] = "stall"
         started = time.monotonic()
         assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
-        while running.updater.busy() and time.monotonic() - started < 60:
-            time.sleep(0.05)
-        record = running.updater.snapshot()
+        record = running.wait_update(60)
         assert record["state"] == "failed" and "absolute" in record["error"], record
         assert time.monotonic() - started < 10, "the job waited on the stalled NAS"
         running.close()
