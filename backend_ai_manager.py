@@ -591,14 +591,14 @@ class Download:
         except OSError:
             pass
 
-    def read(self, size=CHUNK):
+    def read(self, size=None):
         if self.aborted:
             raise ReleaseError("download stopped")
         if time.monotonic() > self.deadline:
             raise ReleaseError("download took longer than the deadline (--download-timeout)")
         try:
             # read1: at most one recv, so the deadline is checked however slowly bytes arrive
-            data = self.response.read1(min(size, CHUNK))
+            data = self.response.read1(min(size or CHUNK, CHUNK))
         except (OSError, http.client.HTTPException) as e:
             raise ReleaseError(f"download failed after {self.count} bytes: {e}") from None
         if self.aborted:
@@ -647,15 +647,17 @@ class Gunzip:
     def _fill(self):
         while not self._z.eof:
             data = self._z.unconsumed_tail or self._read(self.IN_CHUNK)
-            if not data:
-                raise ReleaseError("release archive is truncated (gzip stream ends early)")
             try:
+                # With the input used up, zlib may still hold output that max_length held
+                # back: decompress(b"") hands it out; only when nothing comes is it cut short.
                 out = self._z.decompress(data, CHUNK)
             except zlib.error as e:
                 raise ReleaseError(f"release archive is not valid gzip: {e}") from None
             if out:
                 self.count += len(out)
                 return out
+            if not data:
+                raise ReleaseError("release archive is truncated (gzip stream ends early)")
         return b""
 
     def finish(self):
@@ -904,13 +906,22 @@ class TarReader:
     def extractfile(self, member):
         return self
 
-    def read(self, size=CHUNK):
+    def read(self, size=None):
+        """Up to `size` bytes of the current member's data; may return fewer (a short read),
+        b"" at its end. Raises if the archive ends inside the member."""
         if self._left <= 0:
             return b""
-        data = self._read(min(size, self._left))
+        data = self._read(min(size or CHUNK, self._left))
         if not data:
             raise ReleaseError("release archive is damaged or cut short: it ends inside a file")
         self._left -= len(data)
+        return data
+
+    def read_all(self):
+        """All the current member's remaining data, exactly (the header's size is
+        authoritative: any number of short reads are joined)."""
+        data = self._exact(self._left) if self._left > 0 else b""
+        self._left = 0
         return data
 
     def __iter__(self):
@@ -1089,9 +1100,11 @@ class Extractor:
         source = archive.extractfile(member)
         mode = 0o755 if member.mode & 0o111 else 0o644
         target = os.path.join(self.dest, path)
+        if member.size > self.max_file:
+            raise ReleaseError(f"archive member {path!r} is over the limit of "
+                               f"{self.max_file} bytes for one file")
         if member.size <= self.SMALL:
-            # The header's size is only a hint: read at most one byte more and count what came.
-            data = source.read(self.SMALL + 1)
+            data = source.read_all()
             self._count(path, len(data), data)
             self.pool.submit(target, data, mode, after=folder)
         else:
@@ -1110,6 +1123,9 @@ class Extractor:
                     _write_all(fd, data)
             finally:
                 os.close(fd)
+            if size != member.size:  # read() raises first if the stream ends early
+                raise ReleaseError(f"release archive is damaged: {path!r} has {size} of "
+                                   f"{member.size} bytes")
         self.files.add(path)
         self.progress(len(self.files), self.written)
         failpoint("extract-file")
@@ -1166,6 +1182,39 @@ class Extractor:
             if "/".join(parts) in self.links:
                 return True
         return False
+
+
+def unpack_release(response, dest, deadline, max_download, max_unpacked, max_members, max_file,
+                   on_bytes=None, on_files=None, flusher=None):
+    """Download, gunzip and extract a release tarball from an open HTTP `response` into the
+    new folder `dest`, in one streamed pass: download, decompression and extraction overlap.
+    Returns (release root relative to dest, the finished Download, number of files). Raises
+    ReleaseError for anything wrong with the archive or the download; `dest` may then hold
+    part of the release, and the caller removes it."""
+    download = Download(response, max_download, deadline, on_bytes or (lambda done, total: None))
+    gunzip = Gunzip(download.read)
+    extractor = Extractor(dest, max_unpacked, max_members, on_files, max_file=max_file)
+    stream = Prefetch(gunzip.read)
+    if flusher is not None:
+        flusher.start()
+    try:
+        root = extractor.extract(stream)
+        while True:  # the tar's end padding, up to the end of the gzip stream
+            rest = stream.read()
+            if not rest:
+                break
+            if rest.strip(b"\0"):
+                raise ReleaseError("release archive has data after the end of the tar")
+    except BaseException:
+        download.abort()  # the prefetch thread may be blocked reading a stalled NAS
+        raise
+    finally:
+        stream.close()
+        if flusher is not None:
+            flusher.stop()
+    gunzip.finish()
+    download.finish()
+    return root, download, len(extractor.files)
 
 
 def _write_all(fd, data):
@@ -1744,32 +1793,12 @@ class Updater:
         except FileNotFoundError:
             raise ReleaseError(f"the NAS has no release {version}: {url} answered 404") from None
         with response:
-            download = Download(response, s.max_download_mb << 20, deadline, self._progress)
-            gunzip = Gunzip(download.read)
-            extractor = Extractor(os.path.join(staging, "tree"), s.max_unpacked_mb << 20,
-                                  s.max_members, self._files, max_file=s.max_file_mb << 20)
-            # Download, decompression and extraction overlap in one pass; nothing outside
-            # staging/ is touched until every check below has passed.
-            stream = Prefetch(gunzip.read)
-            flusher.start()
-            try:
-                root = extractor.extract(stream)
-                self._set(VERIFYING, f"verifying {download.count} bytes, "
-                          f"{len(extractor.files)} files")
-                while True:  # the tar's end padding, up to the end of the gzip stream
-                    rest = stream.read()
-                    if not rest:
-                        break
-                    if rest.strip(b"\0"):
-                        raise ReleaseError("release archive has data after the end of the tar")
-            except BaseException:
-                download.abort()  # the prefetch thread may be blocked reading a stalled NAS
-                raise
-            finally:
-                stream.close()
-                flusher.stop()
-            gunzip.finish()
-            download.finish()
+            root, download, files = unpack_release(
+                response, os.path.join(staging, "tree"), deadline=deadline,
+                max_download=s.max_download_mb << 20, max_unpacked=s.max_unpacked_mb << 20,
+                max_members=s.max_members, max_file=s.max_file_mb << 20,
+                on_bytes=self._progress, on_files=self._files, flusher=flusher)
+        self._set(VERIFYING, f"verifying {download.count} bytes, {files} files")
         digest = download.sha256.hexdigest()
         if expected and digest != expected:
             raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
@@ -1781,8 +1810,7 @@ class Updater:
                                f"not {version!r}")
         if not os.path.isdir(os.path.join(tree, "dist")):
             raise ReleaseError("the release has no dist/ folder")
-        self._set(EXTRACTING, f"syncing {len(extractor.files)} files to disk",
-                  sha256=digest)
+        self._set(EXTRACTING, f"syncing {files} files to disk", sha256=digest)
         return tree
 
     def _checksum(self, url, timeout):
@@ -2072,8 +2100,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Every answer here has a status line.
     default_request_version = "HTTP/1.0"
 
-    def __init__(self, raw, sock, client_address, server):
+    def __init__(self, raw, sock, client_address, server, must_close=False):
         self.raw = raw
+        self.must_close = must_close  # the server closes after this answer, whatever it says
         super().__init__(sock, client_address, server)
 
     def setup(self):
@@ -2163,8 +2192,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for key, value in headers.items():
             self.send_header(key, value)
+        # RFC 9112 9.3 and RFC 1945: HTTP/1.1 persists unless either side says close; HTTP/1.0
+        # persists only if the client asked for keep-alive and the answer says keep-alive
+        # (http.server clears close_connection for it, but never says so). An answer that
+        # ends the connection always says close, so no client waits for the idle timeout.
+        if self.must_close or self.server.stopping.is_set():
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
         self.end_headers()
         if not head:
             self.wfile.write(data)
@@ -2480,7 +2517,7 @@ class Server:
             keep = False
             try:
                 conn.sock.settimeout(self.WRITE_TIMEOUT)
-                handler = Handler(raw, conn.sock, conn.address, self)
+                handler = Handler(raw, conn.sock, conn.address, self, must_close)
                 keep = not handler.close_connection and not must_close
             except OSError:
                 pass  # the client went away
