@@ -10,8 +10,12 @@ PYTHONS := $(wildcard /usr/bin/python3 $(HOME)/.pyenv/versions/3.9*/bin/python3 
 
 .PHONY: test demo install lint bench clean
 
+# TESTS: what `make test` runs (default: everything), e.g. make test TESTS='tests/test_units.py'
+TESTS ?= tests
+
 test:
-	$(PYTHON) -m pytest -q tests
+	@$(PYTHON) -c 'import pytest' 2>/dev/null || { echo "make test needs pytest for $(PYTHON): on Debian 12 'apt-get install python3-pytest', or a venv: python3 -m venv ~/.venv-bam && ~/.venv-bam/bin/pip install pytest && make test PYTHON=~/.venv-bam/bin/python" >&2; exit 1; }
+	$(PYTHON) -m pytest -q $(TESTS)
 
 demo:
 	$(PYTHON) tests/demo.py
@@ -42,4 +46,4 @@ bench:
 	$(PYTHON) bench/bench_status.py
 
 clean:
-	rm -rf .sandbox .pytest_cache tests/__pycache__ __pycache__
+	rm -rf .pytest_cache tests/__pycache__ __pycache__

@@ -2,14 +2,15 @@
 """backend-ai-manager: start, stop, inspect, update and roll back one systemd service over HTTP.
 
 One file, standard library only, Python 3.9+. Runs on every host of the fleet on port 3081 and
-controls exactly one local unit (the hub or an agent). The contract is API.md; this file reads
-top-down: errors, settings, logging, commands, systemd, releases (download, extract, swap),
+controls exactly one local unit (the hub or an agent); README.md describes the API. This file
+reads top-down: errors, settings, logging, commands, systemd, releases (download, extract, swap),
 the update job, the HTTP API, and the command line.
 
     python3 backend_ai_manager.py serve --role hub
 """
 
 import argparse
+import errno
 import functools
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1386,6 +1388,27 @@ class Flusher:
             self.fd = None
 
 
+def _readable_by_all(path):
+    """Add read and search for everyone to folder `path` (never removes a bit)."""
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    if mode & 0o555 != 0o555:
+        os.chmod(path, mode | 0o555)
+
+
+def _release_modes(tree):
+    """Give a release tree the modes the extractor gives: folders 0755, files 0644 or 0755
+    (any execute bit), no setuid/setgid/sticky; links are left alone."""
+    os.chmod(tree, 0o755)
+    for folder, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(path, 0o755)
+            elif stat.S_ISREG(st.st_mode):
+                os.chmod(path, 0o755 if st.st_mode & 0o111 else 0o644)
+
+
 def _exchange(a, b):
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if unsupported here."""
     renameat2 = _libc_function("renameat2")
@@ -1412,8 +1435,12 @@ class Releases:
         self.staging_dir = os.path.join(state_dir, "staging")
 
     def prepare(self):
+        """Make the layout's folders. The service may run as its own user: the state dir,
+        releases/ and every kept release must be enterable and readable by it (0755)."""
         for path in (self.install_dir, self.state_dir, self.releases_dir, self.staging_dir):
             os.makedirs(path, 0o755, exist_ok=True)
+        for path in [self.state_dir, self.releases_dir] + [self.path(i) for i in self.ids()]:
+            _readable_by_all(path)
 
     # --- reading the layout
     def ids(self):
@@ -1517,11 +1544,14 @@ class Releases:
                 and not self.is_ours(e)]
 
     def snapshot(self, entries):
-        """Copy the live content of `entries` into a new kept release; return its id."""
+        """Copy the live content of `entries` into a new kept release; return its id. Like an
+        extracted release, it is owned by root and readable by all: folders 0755, files 0644,
+        or 0755 where the live file had an execute bit."""
         tree = self.new_staging("snapshot")
         flusher = Flusher(tree)
         try:
             self._copy_live(entries, tree)
+            _release_modes(tree)
             try:
                 flusher.finish()
             except OSError as e:
@@ -2208,7 +2238,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, header too long) as JSON too; an
-        # unsupported HTTP version is the client's error (400), as API.md allows no other 5xx.
+        # unsupported HTTP version is the client's error (400): the API's only 5xx are systemctl's own failures.
         self.close_connection = True
         if code == 505:
             code, message = 400, f"unsupported HTTP version in {self.requestline[:80]!r}: " \
@@ -2302,7 +2332,7 @@ def frame_request(buf):
 
 
 class Server:
-    """HTTP/1.1 server hardened for a LAN without authentication (STDLIB-FACTS.md):
+    """HTTP/1.1 server hardened for a LAN without authentication:
     one selector thread reads requests from every connection, so idle or trickling clients hold
     no thread; complete requests go to a fixed pool of worker threads. At most
     --max-connections are open (past that: 503 and close); a request must arrive whole within
@@ -2582,7 +2612,7 @@ def client_allowed(address, networks):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # one clear line and a non-zero exit, as API.md asks
+        # one clear line and a non-zero exit, before the port is bound
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -2653,10 +2683,19 @@ def serve(settings):
     systemd = Systemd(settings.service, settings.command_timeout)
     releases = Releases(settings.install_dir, settings.state_dir)
     updater = Updater(settings, systemd, releases)
+    # Releases are read by the service, which may run as its own user: whatever umask the
+    # manager was started with, what it writes is readable by all (the unit sets UMask=0022).
+    os.umask(0o022)
     try:
         updater.recover()
     except OSError as e:
-        log.error("cannot prepare %s: %s", settings.state_dir, e)
+        hint = ""
+        if e.errno == errno.EROFS:
+            hint = (" (read-only for the manager: its unit's ProtectHome=read-only covers /home, "
+                    "/root and /run/user, ProtectSystem=full covers /usr, /boot and /etc; keep "
+                    "the install and state dirs elsewhere, e.g. under /opt and /var/lib, or add "
+                    f"ReadWritePaths={e.filename or settings.state_dir} in a drop-in)")
+        log.error("cannot prepare %s: %s%s", settings.state_dir, e, hint)
         return 1
     api = Api(settings, systemd, updater)
     try:
@@ -2666,8 +2705,8 @@ def serve(settings):
         return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        # A handler only sets the Event (shutdown() from a handler deadlocks, STDLIB-FACTS.md);
-        # the main thread does the stopping.
+        # A handler only sets the Event: shutdown() from a signal handler deadlocks while
+        # serve_forever runs in the same thread. The main thread does the stopping.
         signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()

@@ -1,7 +1,6 @@
 """Shared fixtures: the real systemd sandbox (session-wide) and the NAS on loopback."""
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -11,10 +10,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import sandbox as sandbox_mod  # noqa: E402
-from support import REPO, Nas  # noqa: E402
-
-# The sandbox hides /tmp behind a tmpfs, so everything it must see lives under the checkout.
-WORK = os.path.join(REPO, ".sandbox")
+from support import Nas, lab_dir, remove_lab_dir  # noqa: E402
 
 
 # The end-to-end runs: Debian's own python3 (3.11.2, tarfile without extraction filters), the
@@ -48,10 +44,9 @@ def need_sandbox():
 
 @pytest.fixture(scope="session")
 def work_dir():
-    path = os.path.join(WORK, f"tests-{os.getpid()}")
-    os.makedirs(path)
+    path = lab_dir("tests")  # under /var/lib: see support.LAB_ROOT
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_lab_dir(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """A throwaway systemd for tests: PID 1 of its own pid+mount namespace.
 
-Facts and HAZARDS: /work/shared/SYSTEMD-SANDBOX.md. Standard library only, Python 3.9+. Needs root.
+Standard library only, Python 3.9+. Needs root, unshare and nsenter (util-linux) and systemd.
 
-    with Sandbox("/work/main/.sandbox/t1", {"x.service": "[Service]\\nExecStart=..."}) as sb:
+    with Sandbox("/var/lib/backend-ai-manager-lab/t1", {"x.service": "[Service]\\nExecStart=..."}) as sb:
         sb.systemctl("start", "x.service")
         assert sb.is_active("x.service") == "active"
         print(sb.run(["journalctl", "-u", "x.service", "--no-pager"]).stdout)
@@ -36,7 +36,7 @@ After=systemd-journald.service
 
 INIT_TEMPLATE = """#!/bin/sh
 # PID 1 of the sandbox's new pid+mount namespace (propagation private: mounts made here stay inside).
-# HAZARD (SYSTEMD-SANDBOX.md): without a fresh tmpfs on /tmp, systemd-tmpfiles-setup empties the host's
+# HAZARD: without a fresh tmpfs on /tmp, systemd-tmpfiles-setup empties the host's
 # real /tmp. `set -e`: if a mount fails, stop here rather than boot systemd on the real directories.
 set -e
 mount -t tmpfs -o mode=1777 tmpfs /tmp
@@ -307,9 +307,8 @@ if __name__ == "__main__":
         reason = unavailable_reason()
         if reason:
             return "cannot run: " + reason
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        root = os.path.join(repo, ".sandbox", "selfcheck")
-        os.makedirs(root, exist_ok=True)
+        from support import lab_dir, remove_lab_dir
+        root = lab_dir("selfcheck")
         t0 = time.monotonic()
         with Sandbox(root) as sb:
             print("booted in %.2fs (%s), systemd host pid %d" % (time.monotonic() - t0, sb.state, sb.pid))
@@ -330,6 +329,7 @@ if __name__ == "__main__":
                 return "FAIL: hello.service is %s after stop" % sb.is_active("hello.service")
             t1 = time.monotonic()
         print("powered off in %.2fs" % (time.monotonic() - t1))
+        remove_lab_dir(root)
         print("OK")
         return 0
 

@@ -19,6 +19,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MANAGER = os.path.join(REPO, "backend_ai_manager.py")
 
+# Where the demo, the tests and the benchmarks put their lab (sandbox, NAS, the hosts' install and
+# state dirs): not in the checkout, which may be anywhere. The shipped manager units make /home,
+# /root and /run/user read-only (ProtectHome=read-only) and give the manager its own /tmp
+# (PrivateTmp=), and the sandbox mounts a fresh tmpfs on /tmp, /var/tmp and /run; /var/lib is
+# writable under the units' hardening, as it is for an operator's state dir. Every folder on
+# the way is 0755, so a service running as its own user can enter it.
+LAB_ROOT = os.environ.get("BAM_LAB_DIR") or "/var/lib/backend-ai-manager-lab"
+_UNUSABLE = ("/tmp", "/var/tmp", "/run", "/home", "/root")
+
+
+def lab_dir(name):
+    """A new, empty folder LAB_ROOT/NAME-PID for one run; remove it with remove_lab_dir()."""
+    root = os.path.realpath(LAB_ROOT)
+    if any(root == p or root.startswith(p + "/") for p in _UNUSABLE) or " " in root:
+        raise ValueError(f"BAM_LAB_DIR={root} cannot hold the lab: the sandbox or the manager "
+                         f"unit's hardening hides or protects {', '.join(_UNUSABLE)}, and "
+                         "unit paths must have no space")
+    os.makedirs(root, 0o755, exist_ok=True)
+    os.chmod(root, 0o755)
+    path = os.path.join(root, f"{name}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)  # a run of an earlier process with the same pid
+    os.makedirs(path, 0o755)
+    return path
+
+
+def remove_lab_dir(path):
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(path))  # LAB_ROOT itself, once no other run uses it
+    except OSError:
+        pass
+
 # The demo service a release carries in dist/server.py: an HTTP server on $PORT (loopback) that
 # says which version it runs (read from its own package.json) and the greeting from the install
 # dir's config.json, a file the release does not contain and an update must keep.
@@ -292,6 +324,9 @@ class Host:
         self.service_unit_lines = service_unit_lines  # added to the service's [Unit] section
         self.install_dir = os.path.join(base, "install")
         self.state_dir = os.path.join(base, "state")
+        # The manager runs from its own copy, as `make install` puts it in /usr/local/lib: the
+        # checkout may be anywhere (a home folder, a path with a space).
+        self.manager = os.path.join(base, "bin", "backend_ai_manager.py")
         self.port = free_port()
         self.service_port = free_port()
         self.env = {
@@ -307,7 +342,13 @@ class Host:
         with open(os.path.join(self.install_dir, "config.json"), "w") as f:
             json.dump({"greeting": greeting}, f)
 
+    def install_manager(self):
+        os.makedirs(os.path.dirname(self.manager), 0o755, exist_ok=True)
+        shutil.copyfile(MANAGER, self.manager)
+        os.chmod(self.manager, 0o755)
+
     def write_units(self):
+        self.install_manager()
         service = unit_text("example-ai-hub.service").replace(
             "/opt/backend-ai/hub", self.install_dir).replace(
             "PORT=3000", f"PORT={self.service_port}").replace(
@@ -315,7 +356,7 @@ class Host:
         manager = []
         for line in unit_text("ai-hub-manager.service").splitlines():
             if line.startswith("ExecStart="):
-                line = f"ExecStart={self.python} {MANAGER} serve"
+                line = f"ExecStart={self.python} {self.manager} serve"
             elif line.startswith("EnvironmentFile="):
                 line = f"EnvironmentFile={self.base}/manager.env"
             manager.append(line)
@@ -412,19 +453,24 @@ class Host:
 
 
 class Lab:
-    """What the demo and the benchmarks run in: a work folder under .sandbox/, a booted systemd
+    """What the demo and the benchmarks run in: a work folder under LAB_ROOT, a booted systemd
     sandbox, a NAS on loopback, and the hosts made with host(). `with Lab("demo") as lab:`
-    stops and removes all of it on the way out, also on failure."""
+    stops and removes all of it on the way out, also on failure or Ctrl-C."""
 
     def __init__(self, name, parent=None):
-        self.work = os.path.join(parent or os.path.join(REPO, ".sandbox"), f"{name}-{os.getpid()}")
+        self.name, self.parent = name, parent
+        self.work = None
         self.sandbox = self.nas = None
         self.hosts = []
         self.boot_seconds = None
 
     def __enter__(self):
         import sandbox as sandbox_mod
-        os.makedirs(self.work)
+        if self.parent:
+            self.work = os.path.join(self.parent, f"{self.name}-{os.getpid()}")
+            os.makedirs(self.work)
+        else:
+            self.work = lab_dir(self.name)
         try:
             self.sandbox = sandbox_mod.Sandbox(os.path.join(self.work, "systemd"))
             started = time.monotonic()
@@ -448,4 +494,7 @@ class Lab:
             self.nas.stop()
         if self.sandbox:
             self.sandbox.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.work and not self.parent:
+            remove_lab_dir(self.work)
+        elif self.work:
+            shutil.rmtree(self.work, ignore_errors=True)

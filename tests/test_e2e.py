@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from support import MANAGER, Host, free_port, release_files, sandboxed, tree_digest
+from support import Host, free_port, release_files, sandboxed, tree_digest
 
 from conftest import INTERPRETERS, interpreter
 
@@ -202,7 +202,7 @@ def test_systemctl_failures_come_back_with_systemds_own_words(host):
         started = host.sandbox.run([
             "systemd-run", f"--unit={probe_unit}", "--collect", "--quiet",
             "--property=DefaultDependencies=no",
-            INTERPRETERS[host.interpreter], MANAGER,
+            INTERPRETERS[host.interpreter], host.manager,
             "serve", "--role", "agent", "--bind", "127.0.0.1", "--port", str(port),
             "--service", service, "--install-dir", host.install_dir,
             "--state-dir", os.path.join(host.base, f"state-{service}"),

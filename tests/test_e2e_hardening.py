@@ -640,7 +640,7 @@ def plausible_version_in(text):
 
 
 def allowed(status, raw):
-    """Any status under 500: the fuzz never reaches systemctl's 500/504 (API.md's only 5xx),
+    """Any status under 500: the fuzz never reaches systemctl's 500/504 (the API's only 5xx),
     and stays far below the connection cap, so 503 has no excuse either."""
     return status < 500
 

@@ -1,0 +1,74 @@
+"""A new user's checkout: `make demo` and `make test` from where people clone, a home folder and
+a path with a space (and an apostrophe), not only from the developer's checkout.
+
+The clone is the checkout's files as git sees them (tracked, and new files not ignored), copied,
+so the test checks the code as it is now. The inner `make test` runs an end-to-end subset: the
+whole suite from inside the suite would double its time, and the subset goes through everything
+a clone's location can break (the lab, the manager unit's hardening, paths in unit files)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support import REPO
+from conftest import need_sandbox
+
+E2E_SUBSET = ("tests/test_e2e.py -k 'debian and (status or stop_start or update_installs or wrapped "
+              "or crashes_at_start)'")
+
+
+def new_users_clone(parent):
+    listed = subprocess.run(["git", "-C", REPO, "ls-files", "-z", "-co", "--exclude-standard"],
+                            stdout=subprocess.PIPE, check=True).stdout.split(b"\0")
+    dest = os.path.join(parent, "backend-ai-manager")
+    for rel in filter(None, (name.decode() for name in listed)):
+        src = os.path.join(REPO, rel)
+        if not os.path.lexists(src):
+            continue  # deleted in the working tree
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), os.path.join(dest, rel))
+        else:
+            shutil.copy2(src, os.path.join(dest, rel))
+    return dest
+
+
+def make(clone, *args, timeout=400):
+    started = time.monotonic()
+    result = subprocess.run(["make", "-C", clone, f"PYTHON={sys.executable}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                            universal_newlines=True)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(params=["home", "space"])
+def clone(request):
+    need_sandbox()
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    parent = {"home": os.path.join(os.path.expanduser("~"), f"bam-new-user-{os.getpid()}"),
+              "space": f"/srv/bam clone's {os.getpid()}"}[request.param]
+    os.makedirs(parent)
+    try:
+        yield new_users_clone(parent)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_demo_and_tests_pass_from_a_new_users_clone(clone):
+    demo, seconds = make(clone, "demo")
+    assert demo.returncode == 0, f"make demo failed in {clone!r}:\n{demo.stdout[-3000:]}"
+    assert "Done: every endpoint answered" in demo.stdout
+    print(f"make demo in {clone!r}: {seconds:.1f} s")
+    tests, seconds = make(clone, "test", f"TESTS={E2E_SUBSET}")
+    assert tests.returncode == 0, f"make test failed in {clone!r}:\n{tests.stdout[-3000:]}"
+    last = [line for line in tests.stdout.splitlines() if re.search(r"\d+ passed", line)][-1]
+    assert "failed" not in last and "skipped" not in last and "error" not in last, last
+    print(f"make test ({E2E_SUBSET}) in {clone!r}: {seconds:.1f} s, {last}")
+    # Nothing of the lab is left behind, in the clone or under the lab root.
+    assert not os.path.exists(os.path.join(clone, ".sandbox"))
