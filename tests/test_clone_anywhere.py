@@ -72,3 +72,35 @@ def test_demo_and_tests_pass_from_a_new_users_clone(clone):
     print(f"make test ({E2E_SUBSET}) in {clone!r}: {seconds:.1f} s, {last}")
     # Nothing of the lab is left behind, in the clone or under the lab root.
     assert not os.path.exists(os.path.join(clone, ".sandbox"))
+
+
+def test_a_state_dir_under_home_stops_the_manager_naming_the_hardening(sandbox, nas, work_dir):
+    """The shipped unit makes /root read-only for the manager; the start-up error names the
+    folder and the directive, so an operator knows to add ReadWritePaths=."""
+    from support import Host
+    home = os.path.join(os.path.expanduser("~"), f"bam-state-{os.getpid()}")
+    base = os.path.join(work_dir, "read-only-state")
+    os.makedirs(base)
+    host = Host(sandbox, base, nas, env={"BACKEND_AI_STATE_DIR": os.path.join(home, "state")})
+    host.install_base("2.0.10")
+    os.makedirs(home)
+    try:
+        host.write_units()
+        cursor = sandbox.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"]).stdout
+        cursor = cursor.strip().rsplit("cursor: ", 1)[-1]
+        assert sandbox.systemctl("start", host.MANAGER_UNIT).returncode != 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            log = sandbox.run(["journalctl", "-u", host.MANAGER_UNIT, f"--after-cursor={cursor}",
+                               "--no-pager", "-o", "cat"]).stdout
+            if "cannot prepare" in log:
+                break
+            time.sleep(0.1)
+        line = [ln for ln in log.splitlines() if "cannot prepare" in ln][0]
+        assert home in line and "Read-only file system" in line, line
+        assert "ProtectHome=read-only" in line and "ReadWritePaths=" in line, line
+        assert not os.path.exists(os.path.join(home, "state"))
+    finally:
+        sandbox.systemctl("stop", host.MANAGER_UNIT)
+        sandbox.systemctl("reset-failed", host.MANAGER_UNIT)
+        shutil.rmtree(home, ignore_errors=True)
