@@ -9,6 +9,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import nodehub  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
 from support import Nas, lab_dir, remove_lab_dir  # noqa: E402
 
@@ -58,8 +59,22 @@ def sandbox(work_dir):
     sb.stop()
 
 
-@pytest.fixture(scope="session")
-def nas(work_dir):
-    server = Nas(os.path.join(work_dir, "nas")).start()
+@pytest.fixture(scope="module")
+def nas(request, work_dir):
+    """A NAS per test module: modules publish the same versions of different services."""
+    server = Nas(os.path.join(work_dir, "nas-" + request.module.__name__)).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_hub(work_dir):
+    """The real Node hub (tests/fixtures/node-hub), `npm ci`ed and built once per session; its
+    folder is what Nas.publish_node() and Host(node=...) take. Missing node/npm skips, and under
+    CI=true fails; a failed `npm ci` fails."""
+    reason = nodehub.unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the Node hub cannot be built: {reason}")
+        pytest.skip(reason)
+    return nodehub.prepare(work_dir)

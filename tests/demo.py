@@ -1,10 +1,12 @@
 """`make demo`: the manager doing its job for real, start to finish, in about ten seconds.
 
-Boots a throwaway systemd (with journald) in its own namespace, installs a demo hub service at
-version 2.0.10 and the manager (from systemd/ai-hub-manager.service), serves a NAS on loopback
-that holds release 2.0.11, then walks through every endpoint and an update, printing each request
-as the curl command an operator would type and the manager's real answer. Powers the sandbox off
-and removes everything it made, also on failure. Needs root (for the namespace)."""
+Boots a throwaway systemd (with journald) in its own namespace, installs the real Node hub
+(tests/fixtures/node-hub: express and typescript from the npm registry) at version 2.0.10 and the
+manager (from systemd/ai-hub-manager.service), serves a NAS on loopback that holds release 2.0.11,
+then walks through every endpoint, an update and a rollback, printing each request as the curl
+command an operator would type and the manager's real answer, and checks the installed tree
+against GNU tar's extraction of the release, byte for byte. Powers the sandbox off and removes
+everything it made, also on failure or Ctrl-C. Needs root (for the namespace), node and npm."""
 
 import json
 import os
@@ -14,8 +16,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import nodehub  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
-from support import Lab, release_files  # noqa: E402
+import trees  # noqa: E402
+from support import Lab  # noqa: E402
 
 BOLD, DIM, GREEN, RED, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") \
     if sys.stdout.isatty() else ("",) * 5
@@ -46,28 +50,64 @@ def outside(host, text):
 def main():
     reason = sandbox_mod.unavailable_reason()
     if reason:
-        print(f"make demo: cannot boot the throwaway systemd here: {reason}", file=sys.stderr)
+        print(f"make demo: cannot boot the throwaway systemd here: {reason} (run it as root on "
+              "a machine with util-linux and systemd)", file=sys.stderr)
+        return 1
+    reason = nodehub.unavailable_reason()
+    if reason:
+        print(f"make demo: cannot build the Node hub here: {reason} (install node 20 and npm)",
+              file=sys.stderr)
         return 1
     say("Booting a throwaway systemd (PID 1 of its own namespace, with journald)")
     lab = Lab("demo")
     try:
         with lab:
-            print(f"  systemd is {lab.sandbox.state} after {lab.boot_seconds:.2f} s")
+            print(f"  systemd is {lab.sandbox.state} after {lab.boot_seconds:.2f} s; "
+                  f"the lab is {lab.work}")
             return walk_through(lab)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
-        print(f"\n{DIM}(sandbox powered off; {lab.work} removed){RESET}")
+        if lab.work:
+            print(f"\n{DIM}(sandbox powered off; {lab.work} removed){RESET}")
+
+
+def check_tree(host, version):
+    """Compare what the hub sees through the install dir with GNU tar's extraction of the
+    release's tarball; print the verdict; return True if identical."""
+    expected = host.nas.expected_tree(version)
+    diff = trees.differences(expected, trees.installed(host.install_dir, expected))
+    kinds = [entry[0] for entry in expected.values()]
+    if diff:
+        print(f"  {RED}installed tree differs from hub-{version}.tar.gz:{RESET}")
+        for line in diff:
+            print(f"    {line}")
+        return False
+    print(f"  installed tree = GNU tar's extraction of hub-{version}.tar.gz, byte for byte: "
+          f"{kinds.count('file')} files, {kinds.count('link')} links, {kinds.count('dir')} "
+          "folders (names, contents, link targets, execute bits)")
+    return True
 
 
 def walk_through(lab):
-    say("A NAS on loopback holding release 2.0.11 (a real .tar.gz and its .sha256)")
-    nas = lab.nas
-    path = nas.publish("2.0.11", release_files("2.0.11"))
-    print(f"  {nas.url_template().replace('{version}', '2.0.11')}  ({os.path.getsize(path)} "
-          "bytes: dist/, package.json, node_modules/ with a .bin symlink)")
+    say("The real Node hub: npm ci (express, typescript) and tsc, as a build script would")
+    started = time.monotonic()
+    prepared = nodehub.prepare(lab.work)
+    print(f"  built in {time.monotonic() - started:.1f} s")
 
-    say("The host: ai-hub.service at 2.0.10 (laid out by hand, with its own config.json), "
-        "and ai-hub-manager.service")
-    host = lab.host(settle=2)
+    say("A NAS on loopback holding releases 2.0.10 and 2.0.11 (`tar czf hub-V.tar.gz -C build .`"
+        " and a .sha256)")
+    nas = lab.nas
+    host = lab.host(settle=2, node=prepared)
+    for version in ("2.0.10", "2.0.11"):
+        path = host.publish(version)
+        print(f"  {nas.url_template().replace('{version}', version)}  "
+              f"({os.path.getsize(path) / 1e6:.1f} MB: dist/, package.json, package-lock.json, "
+              "node_modules/ with .bin links)")
+
+    say("The host: ai-hub.service (node dist/index.js) at 2.0.10, installed by hand with "
+        "tar xzf, with its own config.json; and ai-hub-manager.service")
     host.install_base("2.0.10", greeting="config.json survives updates")
     host.start()
     print(f"  install dir {host.install_dir}: {sorted(os.listdir(host.install_dir))}")
@@ -120,12 +160,18 @@ def walk_through(lab):
     if info["version"] != "2.0.11" or info["greeting"] != "config.json survives updates":
         print(f"{RED}the new code is not running as expected{RESET}")
         return 1
+    if not check_tree(host, "2.0.11"):
+        return 1
 
     say("Rollback to the release before")
     show(host, "POST", "/rollback")
     record = host.wait_update()
     print(f"  GET /update -> {record['state']}: {record['step']}")
-    outside(host, f"the hub now says version {host.service_info()['version']}")
+    info = host.service_info()
+    outside(host, f"the hub now says version {info['version']}")
+    if record["state"] != "succeeded" or info["version"] != "2.0.10" or \
+            not check_tree(host, "2.0.10"):
+        return 1
 
     say("Done: every endpoint answered against a real systemd")
     return 0

@@ -12,8 +12,12 @@ import os
 import shutil
 import socket
 import tarfile
+import subprocess
+import sys
 import threading
 import time
+
+import trees
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -258,10 +262,31 @@ class Nas:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                # A manager killed or stopped mid-download drops its connection: not news.
+                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def tarball(self, version, kind="hub"):
+        return os.path.join(self.root, version, f"{kind}-{version}.tar.gz")
+
+    def expected_tree(self, version, kind="hub"):
+        """GNU tar's extraction of the published tarball (wrapper folder stripped), as a tree
+        (tests/trees.py); cached while the tarball is unchanged."""
+        path = self.tarball(version, kind)
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+        cache = self.__dict__.setdefault("_trees", {})
+        if key not in cache:
+            cache[key] = trees.gnu_tree(path, os.path.join(self.root, ".gnu-tar-scratch"))
+        return cache[key]
 
     def url_template(self, kind="hub"):
         return f"http://127.0.0.1:{self.port}/api/raw/{{version}}/{kind}-{{version}}.tar.gz"
@@ -280,13 +305,37 @@ class Nas:
                 f.write(tarball)
         else:
             make_tarball(path, files, wrap=wrap, level=level)
+        self._checksum(path, checksum)
+        return path
+
+    def publish_node(self, prepared, version, kind="hub", crash=False, wrap=None, extra=None,
+                     checksum=True):
+        """Build release `version` of the real Node hub (tests/nodehub.py; `prepared` is
+        nodehub.prepare()'s folder) and pack it as a build script would: `tar czf
+        hub-V.tar.gz -C build .` (or `-C parent package` for a wrapped one). Returns its path."""
+        import nodehub
+        builds = os.path.join(self.root, ".builds")
+        shutil.rmtree(builds, ignore_errors=True)
+        build = nodehub.build(prepared, version, os.path.join(builds, wrap or "build"),
+                              crash=crash, extra=extra)
+        path = self.tarball(version, kind)
+        if wrap:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            subprocess.run([trees.TAR, "czf", path, "-C", builds, wrap], check=True)
+        else:
+            nodehub.pack(build, path)
+        shutil.rmtree(builds, ignore_errors=True)
+        self._checksum(path, checksum)
+        return path
+
+    @staticmethod
+    def _checksum(path, checksum):
         sums = path + ".sha256"
         if checksum:
             with open(sums, "w") as f:
                 f.write(f"{sha256_of(path)}  {os.path.basename(path)}\n")
         elif os.path.exists(sums):
             os.unlink(sums)
-        return path
 
     def start(self):
         self.thread.start()
@@ -319,9 +368,13 @@ class Host:
     MANAGER_UNIT = "ai-hub-manager.service"
 
     def __init__(self, sandbox, base, nas, python="/usr/bin/python3", settle=1, env=None,
-                 service_unit_lines=()):
+                 service_unit_lines=(), node=None, service_lines=()):
         self.sandbox, self.base, self.nas, self.python = sandbox, base, nas, python
         self.service_unit_lines = service_unit_lines  # added to the service's [Unit] section
+        self.service_lines = service_lines  # added to its [Service] section (User=, ...)
+        # The real Node hub (nodehub.prepare()'s folder) or, with None, the small Python
+        # stand-in of release_files().
+        self.node = node
         self.install_dir = os.path.join(base, "install")
         self.state_dir = os.path.join(base, "state")
         # The manager runs from its own copy, as `make install` puts it in /usr/local/lib: the
@@ -337,10 +390,49 @@ class Host:
         self.env.update(env or {})
 
     def install_base(self, version="2.0.10", greeting="hello from config.json"):
+        """Install `version` by hand, as an operator did before the manager: GNU tar extracts
+        the NAS's tarball into the install dir (published first if the NAS lacks it), next to
+        the operator's own config.json."""
+        if not os.path.exists(self.nas.tarball(version)):
+            self.publish(version)
         os.makedirs(self.install_dir)
-        install_tree(self.install_dir, release_files(version))
+        trees.gnu_extract_into(self.nas.tarball(version), self.install_dir)
         with open(os.path.join(self.install_dir, "config.json"), "w") as f:
             json.dump({"greeting": greeting}, f)
+
+    def view(self):
+        """The whole install as the service sees it (install links followed), config included."""
+        return trees.installed(self.install_dir, os.listdir(self.install_dir))
+
+    def assert_installed(self, version, kind="hub"):
+        """What the service sees through the install dir is, byte for byte, GNU tar's extraction
+        of the NAS's tarball of `version`: names, types, link targets, contents, execute bits."""
+        expected = self.nas.expected_tree(version, kind)
+        trees.assert_same(expected, trees.installed(self.install_dir, expected),
+                          f"{self.install_dir} (expected release {version})")
+
+    def publish(self, version, **kwargs):
+        """Publish release `version` of this host's service (Node hub or stand-in) on the NAS."""
+        if self.node:
+            return self.nas.publish_node(self.node, version, **kwargs)
+        crash, wrap = kwargs.pop("crash", False), kwargs.pop("wrap", None)
+        return self.nas.publish(version, release_files(version, crash=crash,
+                                                       extra=kwargs.pop("extra", None)),
+                                wrap=wrap, **kwargs)
+
+    def service_unit(self):
+        """systemd/example-ai-hub.service as shipped, for this host's install dir and port."""
+        text = unit_text("example-ai-hub.service").replace(
+            "/opt/backend-ai/hub", self.install_dir).replace(
+            "PORT=3000", f"PORT={self.service_port}")
+        if not self.node:
+            node = f"ExecStart=/usr/bin/node {self.install_dir}/dist/index.js"
+            assert node in text, text
+            text = text.replace(node, f"ExecStart=/usr/bin/python3 -u {self.install_dir}/dist/server.py")
+        text = text.replace("[Unit]\n", "[Unit]\n" + "".join(
+            f"{line}\n" for line in self.service_unit_lines), 1)
+        return text.replace("[Service]\n", "[Service]\n" + "".join(
+            f"{line}\n" for line in self.service_lines), 1)
 
     def install_manager(self):
         os.makedirs(os.path.dirname(self.manager), 0o755, exist_ok=True)
@@ -349,10 +441,7 @@ class Host:
 
     def write_units(self):
         self.install_manager()
-        service = unit_text("example-ai-hub.service").replace(
-            "/opt/backend-ai/hub", self.install_dir).replace(
-            "PORT=3000", f"PORT={self.service_port}").replace(
-            "[Unit]\n", "[Unit]\n" + "".join(f"{line}\n" for line in self.service_unit_lines), 1)
+        service = self.service_unit()
         manager = []
         for line in unit_text("ai-hub-manager.service").splitlines():
             if line.startswith("ExecStart="):

@@ -12,21 +12,23 @@ import shutil
 
 import pytest
 
-from support import Host, free_port, release_files, sandboxed, tree_digest
+from support import Host, free_port, sandboxed
 
 from conftest import INTERPRETERS, interpreter
 
 
 @pytest.fixture(scope="module", params=sorted(INTERPRETERS))
-def host(request, sandbox, nas, work_dir):
+def host(request, sandbox, nas, work_dir, node_hub):
+    """The real Node hub at 2.0.10, installed by hand (GNU tar) next to its config.json."""
     python = interpreter(request.param)
-    for version in ("2.0.11", "2.0.12", "2.0.13", "2.0.14", "2.0.15"):
-        if not os.path.exists(os.path.join(nas.root, version)):
-            wrap = "package" if version == "2.0.12" else None
-            nas.publish(version, release_files(version, crash=version == "2.0.13"), wrap=wrap)
     base = os.path.join(work_dir, f"host-{request.param}")
     os.makedirs(base)
-    h = Host(sandbox, base, nas, python=python, settle=1, env={"BACKEND_AI_KEEP_BACKUPS": "2"})
+    h = Host(sandbox, base, nas, python=python, settle=1, env={"BACKEND_AI_KEEP_BACKUPS": "2"},
+             node=node_hub)
+    for version in ("2.0.10", "2.0.11", "2.0.12", "2.0.13", "2.0.14", "2.0.15"):
+        if not os.path.exists(nas.tarball(version)):
+            h.publish(version, wrap="package" if version == "2.0.12" else None,
+                      crash=version == "2.0.13")
     h.interpreter = request.param
     h.install_base("2.0.10")
     h.start()
@@ -49,6 +51,7 @@ def test_status_reports_the_real_unit(host):
     assert body["since"].endswith("Z") and body["restarts"] == 0
     assert body["version"] == "2.0.10" and body["service"] == "ai-hub.service"
     assert body["update"]["state"] == "idle"
+    host.assert_installed("2.0.10")  # the hand-made install is GNU tar's extraction
 
 
 def test_stop_start_restart_change_the_real_service(host):
@@ -94,7 +97,7 @@ def test_errors_are_json_and_change_nothing(host):
 
 
 def test_update_installs_the_new_code_and_keeps_config(host):
-    digest_before = tree_digest(host.install_dir)
+    view_before = host.view()
     status, body = host.api("POST", "/update", {"version": "2.0.11"})
     assert status == 200
     assert body["success"] is True and body["message"] == "Hub update to version 2.0.11 started"
@@ -106,8 +109,9 @@ def test_update_installs_the_new_code_and_keeps_config(host):
     for state in ("downloading", "verifying", "extracting", "swapping", "restarting", "checking",
                   "succeeded"):
         assert state in steps, steps
-    info = host.service_info()
-    assert info["version"] == "2.0.11" and info["code"] == "server code of 2.0.11"
+    host.assert_installed("2.0.11")
+    info = host.service_info()  # the real Node hub, loading express from node_modules/
+    assert info["version"] == "2.0.11" and info["code"] == "hub code of 2.0.11"
     assert info["greeting"] == "hello from config.json"  # the install dir's own file was kept
     assert host.api("GET", "/version")[1]["version"] == "2.0.11"
     status = host.api("GET", "/status")[1]
@@ -115,17 +119,32 @@ def test_update_installs_the_new_code_and_keeps_config(host):
     tsc = os.path.join(host.install_dir, "node_modules", ".bin", "tsc")
     assert os.path.islink(tsc) and os.readlink(tsc) == "../typescript/bin/tsc"
     assert open(tsc).read().startswith("#!/usr/bin/env node")
-    assert tree_digest(host.install_dir) != digest_before
+    assert host.view() != view_before
     # the release the update replaced is kept for rollback
     releases = os.listdir(os.path.join(host.state_dir, "releases"))
     assert any(r.endswith("-2.0.10") for r in releases) and any(r.endswith("-2.0.11")
                                                                  for r in releases)
 
 
+def test_rollback_to_the_copy_of_the_hand_made_install_and_forward_again(host):
+    status, body = host.api("POST", "/rollback")
+    assert status == 200 and "rollback to version 2.0.10" in body["message"], body
+    record = host.wait_update()
+    assert record["state"] == "succeeded", record
+    host.assert_installed("2.0.10")
+    info = host.service_info()
+    assert info["version"] == "2.0.10" and info["greeting"] == "hello from config.json"
+    assert host.api("POST", "/update", {"version": "2.0.11"})[0] == 200
+    assert host.wait_update()["state"] == "succeeded"
+    host.assert_installed("2.0.11")
+    assert host.service_info()["version"] == "2.0.11"
+
+
 def test_update_of_a_release_wrapped_in_one_folder(host):
     assert host.api("POST", "/update", {"version": "2.0.12"})[0] == 200
     record = host.wait_update()
     assert record["state"] == "succeeded", record
+    host.assert_installed("2.0.12")
     assert host.service_info()["version"] == "2.0.12"
     assert not os.path.exists(os.path.join(host.install_dir, "package"))
 
@@ -139,15 +158,16 @@ def test_a_release_that_crashes_at_start_is_rolled_back(host):
         ["journalctl", "-u", host.SERVICE, "-n", "30", "--no-pager"]).stdout)
     assert host.service_info()["version"] == "2.0.12"
     assert host.api("GET", "/version")[1]["version"] == "2.0.12"
+    host.assert_installed("2.0.12")
 
 
 def test_update_to_a_missing_version_fails_and_changes_nothing(host):
-    digest = tree_digest(host.install_dir)
+    view = host.view()
     pid = host.main_pid()
     assert host.api("POST", "/update", {"version": "9.9.9"})[0] == 200
     record = host.wait_update()
     assert record["state"] == "failed" and "404" in record["error"], record
-    assert tree_digest(host.install_dir) == digest and host.main_pid() == pid
+    assert host.view() == view and host.main_pid() == pid
 
 
 def test_rollback_goes_to_the_previous_release(host):
@@ -155,6 +175,7 @@ def test_rollback_goes_to_the_previous_release(host):
     assert status == 200 and "rollback to version 2.0.11" in body["message"]
     record = host.wait_update()
     assert record["state"] == "succeeded", record
+    host.assert_installed("2.0.11")
     assert host.service_info()["version"] == "2.0.11"
 
 
@@ -179,6 +200,7 @@ def test_one_update_at_a_time_and_retention_of_exactly_n_backups(host):
         assert host.wait_update()["state"] == "succeeded"
     releases = sorted(os.listdir(os.path.join(host.state_dir, "releases")))
     assert [r.split("-", 1)[1] for r in releases] == ["2.0.12", "2.0.14", "2.0.15"]  # current + 2
+    host.assert_installed("2.0.15")
     assert host.service_info()["version"] == "2.0.15"
 
 

@@ -1,7 +1,9 @@
 """End to end: hostile and broken releases against the real manager, systemd and NAS. Each must end
 `failed` (or `rolled_back` for one that installs but is unhealthy) with a clear error, leave the
-install byte-for-byte unchanged, and leave the service running untouched. Run under Debian's
-/usr/bin/python3 (tarfile without filters), pyenv 3.9 and 3.13."""
+install byte-for-byte unchanged (the whole tree the service sees, links and execute bits
+included), and leave the service, the real Node hub, running untouched. The hostile members ride
+in the small stand-in release of support.release_files(): they are refused before anything runs.
+Run under Debian's /usr/bin/python3 (tarfile without filters), pyenv 3.9 and 3.13."""
 
 import gzip
 import io
@@ -11,7 +13,7 @@ import tarfile
 
 import pytest
 
-from support import Host, make_tarball, release_files, sha256_of, tree_digest
+from support import Host, make_tarball, release_files
 from conftest import INTERPRETERS, interpreter
 
 
@@ -68,39 +70,42 @@ CASES = {
                "device"),
     "fifo": ([(dict(name="dist/fifo", type=tarfile.FIFOTYPE), None)], "FIFO"),
     "duplicate": ([reg("dist/server.py", b"print('shadow')\n")], "twice"),
-    "bomb": ([reg("dist/bomb.bin", b"\0" * (12 << 20))], "over the limit"),
+    "bomb": ([reg("dist/bomb.bin", b"\0" * (20 << 20))], "over the limit"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(INTERPRETERS))
-def host(request, sandbox, nas, work_dir):
+def host(request, sandbox, nas, work_dir, node_hub):
     python = interpreter(request.param)
     base = os.path.join(work_dir, f"hostile-{request.param}")
     os.makedirs(base)
     h = Host(sandbox, base, nas, python=python, settle=1, env={
-        "BACKEND_AI_DOWNLOAD_TIMEOUT": "3", "BACKEND_AI_MAX_FILE_MB": "8",
-        "BACKEND_AI_MAX_UNPACKED_MB": "16"})
+        "BACKEND_AI_DOWNLOAD_TIMEOUT": "3", "BACKEND_AI_MAX_FILE_MB": "16",
+        "BACKEND_AI_MAX_UNPACKED_MB": "64"}, node=node_hub)
     h.env["BACKEND_AI_HEALTH_URL"] = f"http://127.0.0.1:{h.service_port}/health"
     h.install_base("2.0.10")
     h.start()
     # one good update first, so the install is in the manager's layout with a kept release
-    nas.publish("5.0.0", release_files("5.0.0"))
+    h.publish("5.0.0")
     assert h.api("POST", "/update", {"version": "5.0.0"})[0] == 200
-    assert h.wait_update()["state"] == "succeeded"
+    record = h.wait_update()
+    assert record["state"] == "succeeded", record
+    h.assert_installed("5.0.0")
     yield h
     h.stop()
     shutil.rmtree(base, ignore_errors=True)
 
 
 def expect_unchanged_failure(host, version, words, state="failed"):
-    digest, pid = tree_digest(host.install_dir), host.main_pid()
+    view, pid = host.view(), host.main_pid()
     releases = sorted(os.listdir(os.path.join(host.state_dir, "releases")))
     status, body = host.api("POST", "/update", {"version": version})
     assert status == 200, body
     record = host.wait_update()
     assert record["state"] == state, record
     assert words in record["error"], record
-    assert tree_digest(host.install_dir) == digest
+    assert host.view() == view
+    host.assert_installed("5.0.0")
     assert sorted(os.listdir(os.path.join(host.state_dir, "releases"))) == releases
     assert os.listdir(os.path.join(host.state_dir, "staging")) == []
     assert not os.path.lexists("/var/tmp/bam-escape")
@@ -185,11 +190,11 @@ def test_nas_trickling_bytes_hits_the_total_deadline(host, nas):
 
 
 def test_release_failing_its_health_url_is_rolled_back(host, nas):
-    nas.publish("6.8.0", release_files("6.8.0", http_status=503))
+    host.publish("6.8.0", extra={"dist/health-status": b"503\n"})
     record = expect_unchanged_failure(host, "6.8.0", "health URL", state="rolled_back")
     assert "503" in record["error"]
 
 
 def test_release_crashing_at_start_is_rolled_back(host, nas):
-    nas.publish("6.9.0", release_files("6.9.0", crash=True))
+    host.publish("6.9.0", crash=True)
     expect_unchanged_failure(host, "6.9.0", "ai-hub.service", state="rolled_back")

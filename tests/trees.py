@@ -59,9 +59,15 @@ def gnu_extract(tarball, dest):
     """Extract `tarball` (any compression GNU tar detects) into the new folder `dest` with GNU
     tar; return the release root inside it."""
     os.makedirs(dest)
+    gnu_extract_into(tarball, dest)
+    return release_root(dest)
+
+
+def gnu_extract_into(tarball, dest):
+    """Extract `tarball` with GNU tar into the existing folder `dest`, wrapper folder and all
+    (as an operator installing by hand would)."""
     subprocess.run([TAR, "-xf", tarball, "-C", dest, "--no-same-owner"], check=True,
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return release_root(dest)
 
 
 def gnu_tree(tarball, scratch):
