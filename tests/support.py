@@ -476,6 +476,27 @@ class Host:
         out = self.sandbox.systemctl("show", self.MANAGER_UNIT, "-p", "MainPID").stdout
         return int(out.strip().split("=")[1])
 
+    def wait_manager_killed(self, pid, timeout=60):
+        """After an update was started with a failpoint: True once the manager `pid` has died
+        (systemd starts another), False if its job ended without reaching the failpoint."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.manager_pid() != pid:
+                return True
+            try:
+                state = self.api("GET", "/update", timeout=2)[1]["state"]
+            except OSError:  # dying right now
+                continue
+            if state in ("succeeded", "failed", "rolled_back") and self.manager_pid() == pid:
+                return False
+            time.sleep(0.02)
+        raise AssertionError("manager neither died nor finished")
+
+    def service_uid(self):
+        """The real uid the service's main process runs as (read inside the sandbox)."""
+        status = self.sandbox.run(["cat", f"/proc/{self.main_pid()}/status"]).stdout
+        return int([line for line in status.splitlines() if line.startswith("Uid:")][0].split()[1])
+
     def restart_manager(self, **env):
         """Rewrite the manager's EnvironmentFile with `env` on top of the host's settings
         (a value of None removes a key) and restart the manager unit."""

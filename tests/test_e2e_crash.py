@@ -63,22 +63,6 @@ def other_version(host):
     return VERSIONS[1] if current == VERSIONS[0] else VERSIONS[0]
 
 
-def wait_dead(host, pid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        now = host.manager_pid()
-        if now != pid:
-            return True
-        try:
-            status = host.api("GET", "/update", timeout=2)[1]["state"]
-        except OSError:  # dying right now
-            continue
-        if status in FINISHED and host.manager_pid() == pid:
-            return False  # the job ended without passing the failpoint
-        time.sleep(0.02)
-    raise AssertionError("manager neither died nor finished")
-
-
 def check_consistent(host, allowed):
     """The install is exactly one whole release, byte for byte the one its package.json names
     and the service runs; the record is finished; nothing is left half-done."""
@@ -110,7 +94,7 @@ def crash_trial(host, failpoint, version):
     host.restart_manager(BACKEND_AI_FAILPOINT=failpoint)
     pid = host.manager_pid()
     assert host.api("POST", "/update", {"version": version})[0] == 200
-    assert wait_dead(host, pid), (failpoint, host.api("GET", "/update")[1])
+    assert host.wait_manager_killed(pid), (failpoint, host.api("GET", "/update")[1])
     if os.environ.get("CRASH_DEBUG"):
         print(host.sandbox.run(["journalctl", "-u", host.MANAGER_UNIT, "-n", "25", "--no-pager"]).stdout)
     host.restart_manager(BACKEND_AI_FAILPOINT=None)
