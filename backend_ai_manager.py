@@ -562,7 +562,7 @@ class Systemd:
 # CVE-2024-12718). Every member is checked and written by us into a fresh directory.
 # ============================================================================================
 
-CHUNK = 1 << 20
+CHUNK = 256 << 10  # the pieces the download, gunzip and extraction hand on
 
 
 class Download:
@@ -636,7 +636,7 @@ class Gunzip:
         self.count = 0
 
     def read(self, size=-1):
-        # tarfile asks for 10 KiB at a time: decompress up to 1 MiB at once and hand out slices,
+        # The reader asks for small pieces: decompress up to CHUNK at once and hand out slices,
         # so neither the output nor zlib's unconsumed input is copied again for each small read.
         if size is None or size < 0:
             size = CHUNK
@@ -674,7 +674,7 @@ class Prefetch:
     download, its SHA-256 and gunzip (which release the GIL) overlap with parsing and writing, as
     `curl | tar xz` overlaps in three processes. An error in the thread is raised by read()."""
 
-    def __init__(self, read, depth=3):
+    def __init__(self, read, depth=2):
         self._read = read
         self._queue = queue.Queue(depth)
         self._stop = threading.Event()
@@ -786,7 +786,7 @@ class WriterPool:
     hold, so the threads cannot deadlock. Bytes waiting to be written are capped, so memory
     stays bounded whatever the release."""
 
-    def __init__(self, threads=None, budget=4 << 20):
+    def __init__(self, threads=None, budget=1 << 20):
         threads = threads or min(4, max(2, len(os.sched_getaffinity(0))))
         self.jobs = queue.SimpleQueue()  # the C one: a third of queue.Queue's cost per job
         self.budget = budget
