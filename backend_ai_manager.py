@@ -45,52 +45,58 @@ log = logging.getLogger("backend-ai-manager")
 
 
 # ============================================================================================
-# Errors: raised anywhere, turned into the one JSON error shape in Handler._dispatch.
+# Errors: one small hierarchy. Below the HTTP layer an error says what went wrong, never which
+# HTTP status it is; the HTTP layer turns any of them into the one JSON error shape
+# (error_answer(), in the HTTP section).
 # ============================================================================================
 
 class ManagerError(Exception):
-    """An error with the HTTP status it maps to and a message that says what was wrong."""
-    status = 500
+    """Anything the manager refuses or fails at; `message` says what was wrong, with the value."""
 
-    def __init__(self, message, status=None, headers=None):
+    def __init__(self, message):
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = status
-        self.headers = headers or {}
 
 
-class BadRequest(ManagerError):
-    status = 400
+class InvalidInput(ManagerError):
+    """A value given to the manager is not acceptable (a version, a line count, a body)."""
 
 
-class Conflict(ManagerError):
-    status = 409
+class Busy(ManagerError):
+    """An update or rollback is running, or there is nothing to roll back to."""
 
 
 class SystemdError(ManagerError):
-    status = 500
+    """systemctl or journalctl failed, or did not finish in time (timed_out)."""
+
+    def __init__(self, message, timed_out=False):
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
-class ConfigError(Exception):
+class ConfigError(ManagerError):
     """An invalid setting: the daemon stops at start with this one line."""
 
 
-class ReleaseError(Exception):
+class ReleaseError(ManagerError):
     """A release that cannot be installed (download, checksum, archive or content)."""
+
+
+class NoSuchRelease(ReleaseError):
+    """The NAS has no file at the release's URL (it answered 404)."""
 
 
 # Failpoints for the crash tests: BACKEND_AI_FAILPOINT=NAME[:N] makes the manager SIGKILL itself
 # the Nth time it passes failpoint(NAME), to prove that a crash at that instant leaves a complete
 # install that the next start recovers. Unset (always, outside tests) it costs one comparison.
 _FAILPOINT, _, _FAIL_AT = os.environ.get("BACKEND_AI_FAILPOINT", "").partition(":")
-_FAIL_COUNT = [int(_FAIL_AT) if _FAIL_AT.isdigit() else 1]
+_passes_left = {_FAILPOINT: int(_FAIL_AT) if _FAIL_AT.isdigit() else 1}
 
 
 def failpoint(name):
     if name == _FAILPOINT:
-        _FAIL_COUNT[0] -= 1
-        if _FAIL_COUNT[0] <= 0:
+        _passes_left[name] -= 1
+        if _passes_left[name] <= 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -105,14 +111,14 @@ ROLES = {
         "install_dir": "/opt/backend-ai/hub",
         "bind": "127.0.0.1",
         "nas_url": "http://192.168.1.10:8888/api/raw/{version}/hub-{version}.tar.gz",
-        "word": "Hub",
+        "title": "Hub",
     },
     "agent": {
         "service": "ai-agent.service",
         "install_dir": "/opt/backend-ai/agent",
         "bind": "0.0.0.0",
         "nas_url": "http://192.168.1.10:8888/api/raw/{version}/agent-{version}.tar.gz",
-        "word": "Agent",
+        "title": "Agent",
     },
 }
 COMMON_DEFAULTS = {
@@ -140,7 +146,7 @@ VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 def parse_version(value):
     """Return `value` if it is a plain version string (no '/', no '..', at most 64 characters)."""
     if not isinstance(value, str) or not VERSION_RE.fullmatch(value) or ".." in value:
-        raise BadRequest(f"invalid version {value!r}: expected a plain version such as '2.0.11' "
+        raise InvalidInput(f"invalid version {value!r}: expected a plain version such as '2.0.11' "
                          "(letters, digits, '.', '_', '+', '-'; at most 64 characters; no '..')")
     return value
 
@@ -299,7 +305,7 @@ def resolve_settings(flags, environ):
                           "(or set BACKEND_AI_ROLE)")
     defaults = dict(COMMON_DEFAULTS, **ROLES[role])
     defaults["state_dir"] = f"/var/lib/backend-ai-manager/{role}"
-    values = {"role": role, "word": ROLES[role]["word"]}
+    values = {"role": role, "title": ROLES[role]["title"]}
     for name, flag, env, parse, _help in OPTIONS:
         if name == "role":
             continue
@@ -425,7 +431,7 @@ def run_command(argv, timeout):
 # ============================================================================================
 
 SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ActiveEnterTimestamp",
-                   "NRestarts", "Result", "Description", "UnitFileState")
+                   "NRestarts", "Result")
 
 
 def parse_show(text):
@@ -446,7 +452,9 @@ def parse_timestamp(text):
     return text.strip() or None
 
 
-class _Flight:
+class _SharedCall:
+    """One `systemctl show` in flight, whose result every concurrent caller takes."""
+
     def __init__(self, generation):
         self.generation = generation
         self.done = threading.Event()
@@ -454,7 +462,7 @@ class _Flight:
 
 
 class Systemd:
-    """systemctl/journalctl for one unit. Raises SystemdError (500) or ManagerError 504.
+    """systemctl/journalctl for one unit. Raises SystemdError (timed_out when it took too long).
 
     `systemctl show` is shared: concurrent callers wait for the one call in flight, and
     status() may reuse a result up to STATUS_MAX_AGE seconds old. Every start/stop/restart
@@ -477,10 +485,8 @@ class Systemd:
             self._cached = None
 
     def _check(self, result):
-        if result.timed_out:
-            raise ManagerError(result.message(), status=504)
         if not result.ok:
-            raise SystemdError(result.message())
+            raise SystemdError(result.message(), timed_out=result.timed_out)
         return result
 
     def _show(self):
@@ -499,7 +505,7 @@ class Systemd:
             flight = self._flight
             leader = flight is None or flight.generation != self._generation
             if leader:
-                flight = self._flight = _Flight(self._generation)
+                flight = self._flight = _SharedCall(self._generation)
         if leader:
             try:
                 flight.result = self._show()
@@ -633,7 +639,6 @@ class Gunzip:
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._buf = b""
         self._pos = 0
-        self.count = 0
 
     def read(self, size=-1):
         # The reader asks for small pieces: decompress up to CHUNK at once and hand out slices,
@@ -656,7 +661,6 @@ class Gunzip:
             except zlib.error as e:
                 raise ReleaseError(f"release archive is not valid gzip: {e}") from None
             if out:
-                self.count += len(out)
                 return out
             if not data:
                 raise ReleaseError("release archive is truncated (gzip stream ends early)")
@@ -758,6 +762,13 @@ def link_target_inside(link_path, target, root):
     return root == "" or resolved == root or resolved.startswith(root + "/")
 
 
+def _write_all(fd, data):
+    """os.write until every byte of data is written (a write may take fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _open_new(path, mode):
     """Open a new file for writing: never through a link, never over anything."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -777,9 +788,7 @@ class WriterPool:
     parsing the archive. Creating a file or a folder costs the kernel from a tenth of a
     millisecond to a millisecond and more on the ext4 of our hosts, and creates in different
     threads overlap while the disk is the bottleneck. Where it is not, Python's lock makes
-    threads beyond the CPUs cost more than they give (measured on a fast ext4 with 2 CPUs: 2
-    threads 0.15-0.18 s for our 47 MB test release, 4 threads 0.17-0.22 s), so there is one
-    per CPU, from 2 to 4.
+    threads beyond the CPUs cost more than they give, so there is one per CPU, from 2 to 4.
 
     A job may name an event to wait for (the folder it goes in) and one to set when done (its
     own folder); a job only waits for jobs submitted before it, which other threads already
@@ -937,7 +946,8 @@ class TarReader:
             if not block:
                 raise ReleaseError("release archive is damaged or cut short: no end marker")
             if block == self.ZERO:
-                return  # the end of the archive; the caller checks that only zeros follow
+                self._check_end()
+                return
             stored = _tar_number(block[148:156])
             if stored != 256 + sum(block) - sum(block[148:156]) and stored != 256 + sum(
                     b - 256 if b > 127 else b for b in block[:148] + block[156:]):  # signed sum
@@ -976,6 +986,16 @@ class TarReader:
                 self._left = info.size
                 self._padding = -info.size % 512
             yield info
+
+    def _check_end(self):
+        """After the end marker only zeros may follow (the end blocks and the record padding);
+        anything else is data a reader of the archive would not see."""
+        while True:
+            rest = self._read(CHUNK)
+            if not rest:
+                return
+            if rest.strip(b"\0"):
+                raise ReleaseError("release archive has data after the end of the tar")
 
     @staticmethod
     def _pax(data):
@@ -1201,12 +1221,6 @@ def unpack_release(response, dest, deadline, max_download, max_unpacked, max_mem
         flusher.start()
     try:
         root = extractor.extract(stream)
-        while True:  # the tar's end padding, up to the end of the gzip stream
-            rest = stream.read()
-            if not rest:
-                break
-            if rest.strip(b"\0"):
-                raise ReleaseError("release archive has data after the end of the tar")
     except BaseException:
         download.abort()  # the prefetch thread may be blocked reading a stalled NAS
         raise
@@ -1217,12 +1231,6 @@ def unpack_release(response, dest, deadline, max_download, max_unpacked, max_mem
     gunzip.finish()
     download.finish()
     return root, download, len(extractor.files)
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def read_package_json(path):
@@ -1243,6 +1251,14 @@ def read_package_json(path):
     return data["version"], name if isinstance(name, str) else None
 
 
+def installed_version(settings):
+    """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
+    try:
+        return read_package_json(os.path.join(settings.install_dir, "package.json"))
+    except ReleaseError as e:
+        raise ManagerError(f"cannot read the installed version: {e}") from None
+
+
 def parse_checksum(text):
     """`sha256sum` output ('<64 hex>  <file>') or a bare digest -> lower-case hex digest."""
     match = re.match(r"^\s*([0-9a-fA-F]{64})(\s|$)", text)
@@ -1260,7 +1276,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def open_url(url, timeout):
     """GET url without proxies from the environment or redirects. Returns the response or raises
-    ReleaseError; an HTTP 404 raises FileNotFoundError."""
+    ReleaseError; an HTTP 404 raises NoSuchRelease."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
     try:
         response = opener.open(urllib.request.Request(url, headers={"User-Agent":
@@ -1268,7 +1284,7 @@ def open_url(url, timeout):
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 404:
-            raise FileNotFoundError(url) from None
+            raise NoSuchRelease(f"the NAS has no file {url} (HTTP 404)") from None
         raise ReleaseError(f"the NAS answered HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
@@ -1328,8 +1344,7 @@ class Flusher:
     happened after it was opened, so a descriptor opened for the last sync alone could miss an
     error that an earlier flush had already collected. Between start() and stop() a thread
     flushes every INTERVAL seconds, so the data goes to disk as it comes and the sync that must
-    precede the switch has little left to do (measured: 1-5 ms instead of 35-50 ms for our
-    47 MB test release). Where syncfs is missing there is no thread (sync(2) is system-wide)
+    precede the switch has little left to do. Where syncfs is missing there is no thread (sync(2) is system-wide)
     and finish() calls sync(), which reports nothing."""
 
     INTERVAL = 0.05
@@ -1543,7 +1558,7 @@ class Releases:
         return [e for e in entries if os.path.lexists(os.path.join(self.install_dir, e))
                 and not self.is_ours(e)]
 
-    def snapshot(self, entries):
+    def keep_live_install(self, entries):
         """Copy the live content of `entries` into a new kept release; return its id. Like an
         extracted release, it is owned by root and readable by all: folders 0755, files 0644,
         or 0755 where the live file had an execute bit."""
@@ -1562,7 +1577,7 @@ class Releases:
         try:
             version, _name = read_package_json(os.path.join(tree, "package.json"))
             version = parse_version(version)
-        except (ReleaseError, BadRequest):
+        except ReleaseError:
             version = "unknown"
         return self.add(tree, version)
 
@@ -1623,17 +1638,35 @@ class Releases:
 
 
 # ============================================================================================
-# The update job: one at a time, in a background thread, every step recorded and persisted
-# (STATE/update.json) so GET /update tells the truth after a manager restart.
+# The update job: one at a time, in a background thread. Its record (STATE/update.json) is
+# saved at every step, so GET /update tells the truth after a manager restart, and a manager
+# that died mid-job finishes the job at start, from the phase the record names (RECOVERY).
 #
-#   idle -> downloading -> verifying -> extracting -> swapping -> restarting -> checking
-#        -> succeeded | failed (host unchanged) | rolled_back (new release proved bad; old is back)
+#   idle -> downloading -> verifying -> swapping -> restarting -> checking -> succeeded
+#           (a rollback starts at swapping)
+#   then, from any phase: failed (the host is as it was) or rolled_back (the new release was
+#   switched in, proved unhealthy, and the previous one is back)
 # ============================================================================================
 
-IDLE, DOWNLOADING, VERIFYING, EXTRACTING = "idle", "downloading", "verifying", "extracting"
-SWAPPING, RESTARTING, CHECKING = "swapping", "restarting", "checking"
+IDLE = "idle"
+DOWNLOADING = "downloading"  # the .sha256, then download, gunzip and unpack in one pass
+VERIFYING = "verifying"      # checksum, the release's version and layout, its data on disk
+SWAPPING = "swapping"        # the release joins releases/ and the install gets its links
+RESTARTING = "restarting"    # `current` switched to the release; the service restarted
+CHECKING = "checking"        # the health gate
 SUCCEEDED, FAILED, ROLLED_BACK = "succeeded", "failed", "rolled_back"
-WORKING_STATES = (DOWNLOADING, VERIFYING, EXTRACTING, SWAPPING, RESTARTING, CHECKING)
+WORKING_STATES = (DOWNLOADING, VERIFYING, SWAPPING, RESTARTING, CHECKING)
+FINAL_STATES = (SUCCEEDED, FAILED, ROLLED_BACK)
+
+# What start-up recovery does for a job that was in each phase when the manager died. Until
+# `current` is switched (restarting's first act) the install serves what it served before, at
+# most through links into a copy of the same files: nothing to undo. From then on the previous
+# release is put back and restarted (a crash in the instant between recording `restarting` and
+# the switch restarts the unchanged release).
+NOTHING_CHANGED, RESTORE = "nothing changed", "restore the previous release"
+RECOVERY = {DOWNLOADING: NOTHING_CHANGED, VERIFYING: NOTHING_CHANGED, SWAPPING: NOTHING_CHANGED,
+            RESTARTING: RESTORE, CHECKING: RESTORE}
+
 SUMMARY_FIELDS = ("action", "state", "version", "from_version", "error", "step", "started_at",
                   "finished_at", "bytes", "total", "files")
 
@@ -1642,95 +1675,148 @@ def utc_now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class JobRecord:
+    """The persisted record of a background job: its state, current step, a log of steps with
+    elapsed seconds, and the fields the job adds. Saved with write-temp + rename, so a killed
+    manager always leaves a whole record; fsynced (durable across a power cut) only where
+    recovery depends on it. Thread-safe."""
+
+    LOG_LIMIT = 100
+
+    def __init__(self, path, working_states):
+        self.path = path
+        self.working_states = working_states
+        self.lock = threading.Lock()
+        self.fields = {"action": None, "state": IDLE, "version": None, "error": None, "log": []}
+        self._started = time.monotonic()
+        self._last_save = 0.0
+
+    def load(self):
+        """Read the record a previous manager left (an unreadable one is ignored)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict) and "state" in data:
+                self.fields = data
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable job record %s: %s", self.path, e)
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+    @property
+    def state(self):
+        return self.fields.get("state")
+
+    def working(self):
+        return self.state in self.working_states
+
+    def begin(self, fields):
+        """Start a new job with these fields (state included), unless one is working (Busy).
+        Raises OSError, keeping the old record, if it cannot be saved."""
+        with self.lock:
+            if self.working():
+                raise Busy(f"an {self.fields.get('action')} to version "
+                           f"{self.fields.get('version')} is already running ({self.state})")
+            previous = self.fields
+            self.fields = dict(fields, error=None, step=None, started_at=utc_now(),
+                               finished_at=None, log=[])
+            self._started = time.monotonic()
+            try:
+                self._save()
+            except OSError:
+                self.fields = previous
+                raise
+
+    def set(self, state=None, message=None, level=logging.INFO, durable=False, **fields):
+        """Change the state and fields; a message becomes the step and a log entry. With
+        durable, a failed save raises OSError (the caller must not go on); otherwise it is
+        logged and the record in memory stays true."""
+        with self.lock:
+            if state:
+                self.fields["state"] = state
+            self.fields.update(fields)
+            if message:
+                self.fields["step"] = message
+                self.fields["log"] = (self.fields.get("log") or [])[-(self.LOG_LIMIT - 1):] + [
+                    {"at": utc_now(), "elapsed": round(time.monotonic() - self._started, 3),
+                     "state": self.fields["state"], "message": message}]
+            if not self.working() and not self.fields.get("finished_at"):
+                self.fields["finished_at"] = utc_now()
+            try:
+                self._save(durable)
+            except OSError as e:
+                if durable:
+                    raise
+                log.error("cannot write %s: %s", self.path, e)
+        if message:
+            action, state = self.fields.get("action"), self.fields["state"]
+            log.log(level, "%s %s: %s", action, state, message)
+            sd_notify(f"STATUS={action} {state}: {message}")
+
+    def count(self, **counters):
+        """Progress counters: in memory at once, saved at most once a second."""
+        with self.lock:
+            self.fields.update(counters)
+            if time.monotonic() - self._last_save > 1.0:
+                try:
+                    self._save()
+                except OSError as e:
+                    log.error("cannot write %s: %s", self.path, e)
+
+    def view(self, keys=None):
+        """A copy of the record, or of the given keys only."""
+        with self.lock:
+            fields = json.loads(json.dumps(self.fields))
+        return fields if keys is None else {k: fields.get(k) for k in keys}
+
+    def _save(self, durable=False):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.fields, f, indent=1)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        if durable:
+            _fsync_dir(os.path.dirname(self.path))
+        self._last_save = time.monotonic()
+
+
+def verify_release(tree, version, digest, expected_digest):
+    """Check a release unpacked at `tree` before anything is switched: the tarball's SHA-256
+    against the .sha256 file's (if there was one), the version its package.json names, and
+    its dist/ folder. Raises ReleaseError saying what is wrong."""
+    if expected_digest and digest != expected_digest:
+        raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
+                           f"the .sha256 file says {expected_digest}")
+    found, _name = read_package_json(os.path.join(tree, "package.json"))
+    if found != version:
+        raise ReleaseError(f"the release's package.json says version {found!r}, not {version!r}")
+    if not os.path.isdir(os.path.join(tree, "dist")):
+        raise ReleaseError("the release has no dist/ folder")
+
+
 class Unhealthy(Exception):
     """The restarted service did not prove healthy; the message says why."""
 
 
 class Updater:
-    """Runs updates and rollbacks; owns the update record."""
-
-    LOG_LIMIT = 100
+    """Runs updates and rollbacks, one at a time, and keeps their JobRecord."""
 
     def __init__(self, settings, systemd, releases):
         self.settings = settings
         self.systemd = systemd
         self.releases = releases
-        self.record_path = os.path.join(settings.state_dir, "update.json")
-        self.lock = threading.Lock()
-        self.thread = None
-        self.record = {"action": None, "state": IDLE, "version": None, "error": None, "log": []}
-        self._last_save = 0.0
-        self._started = time.monotonic()
+        self.job = JobRecord(os.path.join(settings.state_dir, "update.json"), WORKING_STATES)
 
-    # --- the record
-    def load(self):
-        try:
-            with open(self.record_path, encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict) and "state" in data:
-                self.record = data
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable update record %s: %s", self.record_path, e)
-
-    def _save(self, durable=False):
-        """Write the record with write-temp + rename: a killed manager always leaves a whole
-        record. fsync (durable across a power cut) only where recovery depends on it."""
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.record, f, indent=1)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.record_path)
-        if durable:
-            _fsync_dir(os.path.dirname(self.record_path))
-        self._last_save = time.monotonic()
-
-    def snapshot(self, full=True):
-        with self.lock:
-            record = json.loads(json.dumps(self.record))
-        if not full:
-            record = {k: record.get(k) for k in SUMMARY_FIELDS}
-        return record
+    def view(self, summary=False):
+        return self.job.view(SUMMARY_FIELDS if summary else None)
 
     def busy(self):
-        return self.record.get("state") in WORKING_STATES
-
-    def _set(self, state=None, message=None, level=logging.INFO, durable=False, **fields):
-        with self.lock:
-            if state:
-                self.record["state"] = state
-            self.record.update(fields)
-            if message:
-                self.record["step"] = message
-                elapsed = round(time.monotonic() - self._started, 3)
-                self.record["log"] = (self.record.get("log") or [])[-(self.LOG_LIMIT - 1):] + [
-                    {"at": utc_now(), "elapsed": elapsed, "state": self.record["state"],
-                     "message": message}]
-            if self.record["state"] not in WORKING_STATES and not self.record.get("finished_at"):
-                self.record["finished_at"] = utc_now()
-            try:
-                self._save(durable)
-            except OSError as e:
-                if durable:  # recovery would depend on it: the caller must not go on
-                    raise
-                # A full disk must not stop a job half-way: the record in memory stays true.
-                log.error("cannot write %s: %s", self.record_path, e)
-        if message:
-            log.log(level, "%s %s: %s", self.record.get("action"), self.record["state"], message)
-            sd_notify(f"STATUS={self.record.get('action')} {self.record['state']}: {message}")
-
-    def _progress(self, done, total):
-        with self.lock:
-            self.record["bytes"], self.record["total"] = done, total
-            if time.monotonic() - self._last_save > 1.0:
-                self._save()
-
-    def _files(self, files, _size):
-        with self.lock:
-            self.record["files"] = files
+        return self.job.working()
 
     # --- starting jobs (called by the API)
     def start_update(self, version):
@@ -1739,115 +1825,90 @@ class Updater:
     def start_rollback(self):
         target = self.releases.previous_id()
         if target is None:
-            raise Conflict("no previous release to roll back to")
+            raise Busy("no previous release to roll back to")
         return self._start("rollback", self.releases.version_of(target), target)
 
     def _start(self, action, version, target):
-        with self.lock:
-            if self.record.get("state") in WORKING_STATES:
-                raise Conflict(f"an {self.record.get('action')} to version "
-                               f"{self.record.get('version')} is already running "
-                               f"({self.record.get('state')})")
-            current = self.releases.current_id()
-            try:
-                from_version = installed_version(self.settings)[0]
-            except ManagerError:
-                from_version = None  # nothing (readable) installed yet: a first install
-            self._started = time.monotonic()
-            record = {
+        try:
+            from_version = installed_version(self.settings)[0]
+        except ManagerError:
+            from_version = None  # nothing (readable) installed yet: a first install
+        try:
+            self.job.begin({
                 "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
-                "version": version, "from_version": from_version,
-                "error": None, "step": None, "started_at": utc_now(), "finished_at": None,
-                "bytes": 0, "total": None, "files": 0, "target": target,
-                "fallback": current, "touched": False, "log": [],
-            }
-            previous, self.record = self.record, record
-            try:
-                self._save()
-            except OSError as e:
-                self.record = previous
-                raise ManagerError(f"cannot write the update record {self.record_path}: "
-                                   f"{e.strerror}") from None
-            self.thread = threading.Thread(target=self._run, name=action, daemon=True)
-            self.thread.start()
-        return self.snapshot(full=False)
+                "version": version, "from_version": from_version, "bytes": 0, "total": None,
+                "files": 0, "target": target, "fallback": self.releases.current_id()})
+        except OSError as e:
+            raise ManagerError(f"cannot write the update record {self.job.path}: "
+                               f"{e.strerror}") from None
+        threading.Thread(target=self._run, name=action, daemon=True).start()
+        return self.view(summary=True)
 
     def _run(self):
-        action = self.record["action"]
         staging = None
         try:
-            if action == "update":
+            if self.job.get("action") == "update":
                 staging = self.releases.new_staging("release")
-                self._install(tree=self._fetch(self.record["version"], staging))
+                self._install(tree=self._fetch(self.job.get("version"), staging))
             else:
-                self._install(target=self.record["target"])
+                self._install(target=self.job.get("target"))
         except ReleaseError as e:
-            self._set(FAILED, f"{e}; nothing was changed", logging.ERROR, error=str(e))
+            self.job.set(FAILED, f"{e}; nothing was changed", logging.ERROR, error=str(e))
         except Unhealthy as e:
             self._roll_back(str(e))
         except Exception as e:  # an unexpected fault must still leave a complete install
-            log.exception("%s failed unexpectedly", action)
-            if self.record.get("touched"):
-                self._roll_back(f"internal error: {e}")
-            else:
-                self._set(FAILED, f"internal error: {e}; nothing was changed", logging.ERROR,
-                          error=f"internal error: {e}")
+            log.exception("%s failed unexpectedly", self.job.get("action"))
+            self.releases.recover()
+            self._finish_interrupted(f"internal error: {e}")
+            self.releases.discard_newer()
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
 
-    # --- the steps
+    # --- the phases
     def _fetch(self, version, staging):
-        """Download, verify and extract a release into staging/; return the synced tree's path.
-        It gets its release id only when it is switched in, so ids follow the install order."""
-        flusher = Flusher(staging)  # before anything is written: see Flusher
-        try:
-            tree = self._download(version, staging, flusher)
-            try:  # one sync for the whole tree is far cheaper than a fsync per file
-                flusher.finish()
-            except OSError as e:
-                raise ReleaseError(f"cannot write the release to disk: {e.strerror}") from None
-            return tree
-        finally:
-            flusher.close()
-
-    def _download(self, version, staging, flusher):
+        """downloading and verifying: the release unpacked in staging/, checked and on disk;
+        returns its tree's path. It gets its release id only when it is added, so ids follow
+        the install order."""
         s = self.settings
         url = s.nas_url.replace("{version}", version)
         deadline = time.monotonic() + s.download_timeout
         per_op = max(1.0, min(30.0, s.download_timeout))
+        self.job.set(DOWNLOADING, f"downloading {url}")
         expected = self._checksum(url, per_op)
-        self._set(DOWNLOADING, f"downloading {url}")
+        flusher = Flusher(staging)  # before anything is written: see Flusher
         try:
-            response = open_url(url, per_op)
-        except FileNotFoundError:
-            raise ReleaseError(f"the NAS has no release {version}: {url} answered 404") from None
-        with response:
-            root, download, files = unpack_release(
-                response, os.path.join(staging, "tree"), deadline=deadline,
-                max_download=s.max_download_mb << 20, max_unpacked=s.max_unpacked_mb << 20,
-                max_members=s.max_members, max_file=s.max_file_mb << 20,
-                on_bytes=self._progress, on_files=self._files, flusher=flusher)
-        self._set(VERIFYING, f"verifying {download.count} bytes, {files} files")
-        digest = download.sha256.hexdigest()
-        if expected and digest != expected:
-            raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
-                               f"the .sha256 file says {expected}")
-        tree = os.path.join(staging, "tree", root)
-        found, _name = read_package_json(os.path.join(tree, "package.json"))
-        if found != version:
-            raise ReleaseError(f"the release's package.json says version {found!r}, "
-                               f"not {version!r}")
-        if not os.path.isdir(os.path.join(tree, "dist")):
-            raise ReleaseError("the release has no dist/ folder")
-        self._set(EXTRACTING, f"syncing {files} files to disk", sha256=digest)
-        return tree
+            try:
+                response = open_url(url, per_op)
+            except NoSuchRelease:
+                raise NoSuchRelease(f"the NAS has no release {version}: {url} answered 404") \
+                    from None
+            with response:
+                root, download, files = unpack_release(
+                    response, os.path.join(staging, "tree"), deadline=deadline,
+                    max_download=s.max_download_mb << 20, max_unpacked=s.max_unpacked_mb << 20,
+                    max_members=s.max_members, max_file=s.max_file_mb << 20,
+                    on_bytes=lambda done, total: self.job.count(bytes=done, total=total),
+                    on_files=lambda files, _written: self.job.count(files=files),
+                    flusher=flusher)
+            self.job.set(VERIFYING, f"verifying {download.count} bytes, {files} files")
+            tree = os.path.join(staging, "tree", root)
+            digest = download.sha256.hexdigest()
+            verify_release(tree, version, digest, expected)
+            try:  # one sync for the whole tree is far cheaper than a fsync per file
+                flusher.finish()
+            except OSError as e:
+                raise ReleaseError(f"cannot write the release to disk: {e.strerror}") from None
+            self.job.set(message=f"verified; {files} files on disk", sha256=digest)
+            return tree
+        finally:
+            flusher.close()
 
     def _checksum(self, url, timeout):
         try:
             with open_url(url + ".sha256", timeout) as response:
                 text = response.read(4096).decode("ascii", "replace")
-        except FileNotFoundError:
+        except NoSuchRelease:
             if self.settings.require_checksum:
                 raise ReleaseError(f"no checksum file {url}.sha256 and --require-checksum "
                                    "is set") from None
@@ -1855,60 +1916,60 @@ class Updater:
         return parse_checksum(text)
 
     def _install(self, tree=None, target=None):
-        """Switch in a fetched tree or a kept release id, restart, check; raises Unhealthy if
-        it does not hold."""
+        """swapping, restarting, checking: add a fetched tree (or take kept release `target`),
+        switch to it, restart, check; raises Unhealthy if it does not hold."""
         releases = self.releases
+        version = self.job.get("version")
         try:
-            self._set(SWAPPING, f"switching to version {self.record['version']}", touched=True,
-                      durable=True)
+            self.job.set(SWAPPING, f"adding version {version}", durable=True)
         except OSError as e:
             raise ReleaseError(f"cannot write the update record: {e.strerror}") from None
         failpoint("swap-start")
         entries = releases.entries_for(tree or releases.path(target))
         if releases.foreign(entries):
             # First update of an install made without the manager: keep the live files as a
-            # release, serve them through the links, then switch like any other update.
-            snapshot = releases.snapshot(entries)
+            # release and serve them through the links, then go on like any other update.
+            kept = releases.keep_live_install(entries)
             failpoint("snapshot-added")
-            self._set(message=f"kept the live install as release {snapshot}", fallback=snapshot,
-                      durable=True)
-            releases.switch(snapshot)
+            self.job.set(message=f"kept the live install as release {kept}", fallback=kept,
+                         durable=True)
+            releases.switch(kept)
         if tree:
-            target = releases.add(tree, self.record["version"])
+            target = releases.add(tree, version)
             failpoint("release-added")
-            self._set(message=f"added release {target}", target=target)
+            self.job.set(message=f"added release {target}", target=target)
         releases.link_entries(entries)
-        self._set(switched=True)
+        self.job.set(RESTARTING, f"switching to release {target}; restarting "
+                     f"{self.systemd.unit}", durable=True)
         releases.switch(target)
         failpoint("switched")
-        self._restart_and_check()
-        self._set(message="healthy; removing old releases", committed=True, durable=True)
-        failpoint("committed")
-        self._finish()
-
-    def _finish(self):
-        """After the point of no return: drop the release a rollback left, prune, record."""
-        releases = self.releases
-        trash = []
-        left = self.record.get("fallback")
-        if self.record["action"] == "rollback" and left and left in releases.ids() \
-                and left != releases.current_id():
-            trash.append(releases.discard(left, defer=True))  # next rollback goes further back
-        trash += releases.prune(self.settings.keep_backups, defer=True)
-        self._set(SUCCEEDED, f"version {self.record['version']} is running", error=None)
-        for path in trash:  # deleting old files is not part of the update's latency
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _restart_and_check(self):
-        self._set(RESTARTING, f"restarting {self.systemd.unit}")
         try:
             self.systemd.control("restart")
         except ManagerError as e:
             raise Unhealthy(e.message) from None
         failpoint("restarted")
         settle = self.settings.settle
-        self._set(CHECKING, f"checking that {self.systemd.unit} stays active for {settle:g} s")
+        self.job.set(CHECKING, f"checking that {self.systemd.unit} stays active for {settle:g} s")
         self.check_health(settle)
+        self._succeed()
+
+    def _succeed(self):
+        """The commit point (saved durably), then the clean-up: the release a rollback left is
+        deleted (so the next rollback goes further back), and old releases beyond
+        --keep-backups. A crash during the clean-up leaves only extra releases: the next start
+        deletes any newer than `current`, the next success prunes the rest."""
+        releases = self.releases
+        left = self.job.get("fallback")
+        self.job.set(SUCCEEDED, f"version {self.job.get('version')} is running", error=None,
+                     durable=True)
+        failpoint("committed")
+        trash = []
+        if self.job.get("action") == "rollback" and left and left in releases.ids() \
+                and left != releases.current_id():
+            trash.append(releases.discard(left, defer=True))
+        trash += releases.prune(self.settings.keep_backups, defer=True)
+        for path in trash:  # deleting old files is not part of the update's latency
+            shutil.rmtree(path, ignore_errors=True)
 
     def check_health(self, settle):
         """Raise Unhealthy unless the unit stays active with the same main PID for `settle`
@@ -1958,76 +2019,59 @@ class Updater:
 
     def _roll_back(self, reason):
         """Put the fallback release back and restart it; record why."""
-        target, fallback = self.record.get("target"), self.record.get("fallback")
-        self._set(message=f"unhealthy: {reason}", level=logging.ERROR)
+        target, fallback = self.job.get("target"), self.job.get("fallback")
+        self.job.set(message=f"unhealthy: {reason}", level=logging.ERROR)
         if not fallback or fallback not in self.releases.ids():
-            self._set(FAILED, "no previous release to roll back to; the new release stays",
-                      logging.ERROR, error=reason)
+            self.job.set(FAILED, "no previous release to roll back to; the new release stays",
+                         logging.ERROR, error=reason)
             return
         try:
             self.releases.switch(fallback)
             failpoint("rollback-switched")
-            if self.record["action"] == "update" and target and target in self.releases.ids():
+            if self.job.get("action") == "update" and target and target in self.releases.ids():
                 self.releases.discard(target)
-            self._set(message=f"restarting release {fallback}")
+            self.job.set(message=f"restarting release {fallback}")
             self.systemd.control("restart")
             self.check_health(min(self.settings.settle, 5.0))
-            self._set(ROLLED_BACK, f"rolled back to release {fallback}", logging.WARNING,
-                      error=reason)
+            self.job.set(ROLLED_BACK, f"rolled back to release {fallback}", logging.WARNING,
+                         error=reason)
         except (ManagerError, Unhealthy, OSError) as e:  # the record stays truthful
             problem = getattr(e, "message", str(e))
-            self._set(ROLLED_BACK, f"rolled back to release {fallback}, but it is not healthy "
-                      f"either: {problem}", logging.ERROR, error=f"{reason}; after the rollback: "
-                      f"{problem}")
+            self.job.set(ROLLED_BACK, f"rolled back to release {fallback}, but it is not "
+                         f"healthy either: {problem}", logging.ERROR,
+                         error=f"{reason}; after the rollback: {problem}")
 
     # --- start-up recovery
     def recover(self):
-        """Finish what a crash interrupted: clean staging and half-made links; if the job had
-        started changing the install, put the fallback release back and restart it."""
+        """Finish what a crash interrupted: clean staging and half-made links, then finish the
+        job by RECOVERY, and delete releases newer than `current` that no finished job made."""
         self.releases.prepare()
-        self.load()
+        self.job.load()
         self.releases.recover()
         try:
-            self._recover_job()
+            if self.job.state not in (IDLE,) + FINAL_STATES:
+                self._finish_interrupted(f"the manager stopped during '{self.job.state}'")
         finally:
             self.releases.discard_newer()
 
-    def _recover_job(self):
-        state = self.record.get("state")
-        if state not in WORKING_STATES:
+    def _finish_interrupted(self, why):
+        """End a job that stopped in the middle of its phase, as RECOVERY says for it."""
+        if RECOVERY.get(self.job.state, NOTHING_CHANGED) == NOTHING_CHANGED:
+            self.job.set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
             return
-        why = f"the manager stopped during '{state}'"
-        if self.record.get("committed"):
-            # The new release had proved healthy; only the clean-up was left to do.
-            self._set(message=f"{why}, after the release proved healthy; finishing")
-            self._finish()
+        fallback = self.job.get("fallback")
+        if not fallback or fallback not in self.releases.ids():
+            self.job.set(FAILED, f"{why}; there was no previous release to restore",
+                         logging.ERROR, error=why)
             return
-        if not self.record.get("switched"):  # set after `touched`, before the switch
-            # Stopped before the new release was switched in: the install serves what it served
-            # (at most through links to a snapshot of the same files); no restart needed.
-            self._set(FAILED, f"{why}; nothing was changed", logging.WARNING, error=why)
-            return
-        fallback = self.record.get("fallback")
-        if fallback and fallback in self.releases.ids():
-            if self.releases.current_id() != fallback:
-                self.releases.switch(fallback)
-            try:
-                self.systemd.control("restart")
-            except ManagerError as e:
-                why += f"; restarting the service failed: {e.message}"
-            self._set(ROLLED_BACK, f"{why}; release {fallback} was restored", logging.WARNING,
-                      error=why)
-        else:
-            self._set(FAILED, f"{why}; there was no previous release to restore",
-                      logging.ERROR, error=why)
-
-
-def installed_version(settings):
-    """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
-    try:
-        return read_package_json(os.path.join(settings.install_dir, "package.json"))
-    except ReleaseError as e:
-        raise ManagerError(f"cannot read the installed version: {e}") from None
+        if self.releases.current_id() != fallback:
+            self.releases.switch(fallback)
+        try:
+            self.systemd.control("restart")
+        except ManagerError as e:
+            why += f"; restarting the service failed: {e.message}"
+        self.job.set(ROLLED_BACK, f"{why}; release {fallback} was restored", logging.WARNING,
+                     error=why)
 
 
 # ============================================================================================
@@ -2037,18 +2081,45 @@ def installed_version(settings):
 MAX_BODY = 4096
 
 
+class HttpError(ManagerError):
+    """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
+    a missing token, a refused client."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+def error_answer(error):
+    """(status, payload, headers) of the one JSON error shape, for any exception."""
+    if isinstance(error, HttpError):
+        status, headers = error.status, error.headers
+    elif isinstance(error, InvalidInput):
+        status, headers = 400, {}
+    elif isinstance(error, Busy):
+        status, headers = 409, {}
+    elif isinstance(error, SystemdError):
+        status, headers = (504 if error.timed_out else 500), {}
+    else:
+        status, headers = 500, {}
+    message = error.message if isinstance(error, ManagerError) else f"internal error: {error}"
+    return status, {"success": False, "error": message}, headers
+
+
 class Request:
-    def __init__(self, method, path, query, body, client):
-        self.method, self.path, self.query, self.body, self.client = \
-            method, path, query, body, client
+    """What an endpoint gets: the query (parse_qs) and the body."""
+
+    def __init__(self, query, body):
+        self.query, self.body = query, body
 
     def json(self):
         try:
             data = json.loads(self.body.decode("utf-8") if self.body else "")
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+            raise InvalidInput(f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise BadRequest("request body must be a JSON object")
+            raise InvalidInput("request body must be a JSON object")
         return data
 
 
@@ -2077,13 +2148,13 @@ class Api:
             result["version"], result["name"] = installed_version(self.settings)
         except ManagerError as e:
             result["version"], result["name"], result["version_error"] = None, None, e.message
-        result["update"] = self.updater.snapshot(full=False)
+        result["update"] = self.updater.view(summary=True)
         result["manager"] = {"version": __version__, "role": self.settings.role}
         return 200, result
 
     def control(self, action):
         if self.updater.busy():
-            raise Conflict(f"cannot {action} {self.systemd.unit} while an update is running")
+            raise Busy(f"cannot {action} {self.systemd.unit} while an update is running")
         before = self.systemd.show().get("ActiveState")
         self.systemd.control(action)
         after = self.systemd.show().get("ActiveState")
@@ -2094,16 +2165,16 @@ class Api:
     def update(self, request):
         version = parse_version(request.json().get("version"))
         record = self.updater.start_update(version)
-        word = self.settings.word
-        return 200, {"success": True, "message": f"{word} update to version {version} started",
+        title = self.settings.title
+        return 200, {"success": True, "message": f"{title} update to version {version} started",
                      "update": record}
 
     def update_progress(self, request):
-        return 200, self.updater.snapshot(full=True)
+        return 200, self.updater.view()
 
     def rollback(self, request):
         record = self.updater.start_rollback()
-        return 200, {"success": True, "message": f"{self.settings.word} rollback to version "
+        return 200, {"success": True, "message": f"{self.settings.title} rollback to version "
                      f"{record['version']} started", "update": record}
 
     def version(self, request):
@@ -2114,7 +2185,8 @@ class Api:
         values = request.query.get("lines", ["50"])
         if len(values) != 1 or not re.fullmatch(r"[0-9]{1,5}", values[0]) \
                 or not 1 <= int(values[0]) <= 10000:
-            raise BadRequest(f"invalid lines {values!r}: expected one whole number from 1 to 10000")
+            raise InvalidInput(f"invalid lines {values!r}: expected one whole number from 1 to "
+                               "10000")
         lines = int(values[0])
         return 200, {"service": self.systemd.unit, "lines": lines,
                      "logs": self.systemd.logs(lines)}
@@ -2164,21 +2236,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             parts = urllib.parse.urlsplit(self.path)
             body = self._body()  # first: a body that cannot be framed closes the connection
             self._access(api.settings)
-            methods = sorted(m for (m, p) in api.routes if p == parts.path)
+            methods = {m for (m, p) in api.routes if p == parts.path}
+            if "GET" in methods:
+                methods.add("HEAD")  # answered like GET, without the body
+            methods = sorted(methods)
             if not methods:
-                raise ManagerError(f"no such endpoint: {parts.path}", status=404)
+                raise HttpError(404, f"no such endpoint: {parts.path}")
             if method not in methods:
-                raise ManagerError(f"{method[:20]} is not allowed on {parts.path}; use "
-                                   f"{', '.join(methods)}", status=405,
-                                   headers={"Allow": ", ".join(methods)})
+                raise HttpError(405, f"{method[:20]} is not allowed on {parts.path}; use "
+                                f"{', '.join(methods)}", {"Allow": ", ".join(methods)})
             query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-            status, payload = api.routes[(method, parts.path)](
-                Request(method, parts.path, query, body, self.client_address[0]))
-        except ManagerError as e:
-            status, payload, headers = e.status, {"success": False, "error": e.message}, e.headers
+            status, payload = api.routes[("GET" if method == "HEAD" else method, parts.path)](
+                Request(query, body))
         except Exception as e:
-            log.exception("%s %s failed", method, self.path[:200])
-            status, payload = 500, {"success": False, "error": f"internal error: {e}"}
+            if not isinstance(e, ManagerError):
+                log.exception("%s %s failed", method, self.path[:200])
+            status, payload, headers = error_answer(e)
         self._send(status, payload, headers, head=(method == "HEAD"))
 
     def _access(self, settings):
@@ -2188,29 +2261,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
             given = self.headers.get("Authorization", "")
             expected = f"Bearer {token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                raise ManagerError("missing or wrong bearer token", status=401,
-                                   headers={"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
+                raise HttpError(401, "missing or wrong bearer token",
+                                {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
 
     def _body(self):
         """Read exactly Content-Length bytes; anything else would be parsed as the next request."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
-            raise BadRequest("Transfer-Encoding is not supported; send Content-Length")
+            raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             return b""
         if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
             self.close_connection = True
-            raise BadRequest(f"invalid Content-Length {lengths!r}")
+            raise InvalidInput(f"invalid Content-Length {lengths!r}")
         length = int(lengths[0])
         if length > MAX_BODY:
             self.close_connection = True
-            raise ManagerError(f"request body of {length} bytes is over the limit of "
-                               f"{MAX_BODY} bytes", status=413)
+            raise HttpError(413, f"request body of {length} bytes is over the limit of "
+                               f"{MAX_BODY} bytes")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
-            raise BadRequest("request body ended before Content-Length bytes")
+            raise InvalidInput("request body ended before Content-Length bytes")
         return body
 
     def _send(self, status, payload, headers, head=False):
@@ -2237,14 +2310,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, header too long) as JSON too; an
-        # unsupported HTTP version is the client's error (400): the API's only 5xx are systemctl's own failures.
+        # http.server's own errors (bad request line, header too long) in the one JSON shape; an
+        # unsupported HTTP version is the client's error (400): the API's only 5xx are
+        # systemctl's own failures.
         self.close_connection = True
         if code == 505:
             code, message = 400, f"unsupported HTTP version in {self.requestline[:80]!r}: " \
                                  "use HTTP/1.0 or HTTP/1.1"
-        self._send(code, {"success": False, "error": message or self.responses.get(code, ("",))[0]},
-                   {})
+        self._send(*error_answer(HttpError(code, message or self.responses.get(code, ("",))[0])))
 
     def _log(self, status, error=None):
         """One journal line per request: client, request, status, time taken (and for an error
@@ -2269,8 +2342,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class _SocketWriter:
     """The handler's wfile: collects the response and sends it with one sendall() on flush.
     Headers and body written separately would meet Nagle's algorithm and the client's delayed
-    ACK on a keep-alive connection: 40 ms per answer (measured). The socket has a timeout, so a
-    client that does not read its answer holds a worker at most that long."""
+    ACK on a keep-alive connection (tens of milliseconds per answer). The socket has a timeout,
+    so a client that does not read its answer holds a worker at most that long."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -2415,11 +2488,13 @@ class Server:
                 time.sleep(0.05)
                 return
             if len(self.connections) >= self.max_connections:
-                self._refuse(sock, address, 503, f"too many connections (limit "
-                                                 f"{self.max_connections}); try again later")
+                self._refuse(sock, address, HttpError(503, f"too many connections (limit "
+                                                      f"{self.max_connections}); try again "
+                                                      "later"))
                 continue
             if self.settings.allow and not client_allowed(address[0], self.settings.allow):
-                self._refuse(sock, address, 403, f"client {address[0]} is not in the allow list")
+                self._refuse(sock, address, HttpError(403, f"client {address[0]} is not in the "
+                                                      "allow list"))
                 continue
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -2428,11 +2503,12 @@ class Server:
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _refuse(self, sock, address, status, message):
-        """Answer without a worker, best effort, and close. (Not getpeername(): it raises on a
-        client that already reset, which would end the selector thread.)"""
-        log.warning('%s "-" %d refused: %s', address[0], status, message)
-        body = json.dumps({"success": False, "error": message}).encode() + b"\n"
+    def _refuse(self, sock, address, error):
+        """Answer `error` without a worker, best effort, and close. (Not getpeername(): it
+        raises on a client that already reset, which would end the selector thread.)"""
+        status, payload, _ = error_answer(error)
+        log.warning('%s "-" %d refused: %s', address[0], status, error.message)
+        body = json.dumps(payload).encode() + b"\n"
         reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -2477,9 +2553,9 @@ class Server:
             conn.idle = False
             conn.deadline = time.monotonic() + self.settings.request_timeout
         conn.buf += data
-        self._dispatch(conn)
+        self._hand_over(conn)
 
-    def _dispatch(self, conn):
+    def _hand_over(self, conn):
         length, problem = frame_request(conn.buf)
         if length is None:
             return
@@ -2488,7 +2564,8 @@ class Server:
         self.selector.unregister(conn.sock)
         if problem == "folded":
             self.connections.discard(conn)
-            self._refuse(conn.sock, conn.address, 400, "folded header lines are not accepted")
+            self._refuse(conn.sock, conn.address, HttpError(400, "folded header lines are not "
+                                                            "accepted"))
             return
         self.jobs.put((conn, raw, problem == "close"))
 
@@ -2507,7 +2584,7 @@ class Server:
                                                 else self.settings.request_timeout)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             if conn.buf:
-                self._dispatch(conn)  # a pipelined request already arrived
+                self._hand_over(conn)  # a pipelined request already arrived
 
     def _expire(self):
         now = time.monotonic()
@@ -2721,7 +2798,7 @@ def serve(settings):
     server.server_close()
     if updater.busy():
         log.warning("an %s was in progress; the next start will recover it",
-                    updater.record.get("action"))
+                    updater.job.get("action"))
     return 0
 
 

@@ -21,6 +21,9 @@ import trees
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+import backend_ai_manager as bam  # noqa: E402  (its names: the job's states)
+
 MANAGER = os.path.join(REPO, "backend_ai_manager.py")
 
 # Where the demo, the tests and the benchmarks put their lab (sandbox, NAS, the hosts' install and
@@ -345,6 +348,12 @@ class Nas:
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 def unit_text(name):
     with open(os.path.join(REPO, "systemd", name)) as f:
@@ -534,8 +543,7 @@ class Host:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, record = self.api("GET", "/update")
-            if record["state"] not in ("downloading", "verifying", "extracting", "swapping",
-                                       "restarting", "checking"):
+            if record["state"] not in bam.WORKING_STATES:
                 return record
             time.sleep(0.2)
         raise AssertionError(f"update still running after {timeout} s: {record}")

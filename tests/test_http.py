@@ -1,9 +1,12 @@
 """The HTTP layer on a real server on port 0, with a stand-in for systemd (the end-to-end tests
-use the real one): routing, the error table, body rules, access control."""
+use the real one): routing, the error table, body rules, access control; and the update job's
+logic, fast and without root: the health gate, automatic rollback, /rollback, and recovery
+after a crash in each phase."""
 
 import http.client
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -15,10 +18,13 @@ from support import Nas, release_files
 
 
 class FakeSystemd:
-    """Records calls; answers like systemctl for a unit that starts and stops."""
+    """Records calls; answers like systemctl for a unit that starts and stops. A restart of an
+    install whose package.json names a version in `unhealthy` leaves the unit failed."""
 
-    def __init__(self, unit="ai-hub.service"):
+    def __init__(self, unit="ai-hub.service", install_dir=None):
         self.unit = unit
+        self.install_dir = install_dir
+        self.unhealthy = set()
         self.active = True
         self.calls = []
         self.fail = None
@@ -37,9 +43,16 @@ class FakeSystemd:
         self.calls.append(action)
         if self.fail:
             raise self.fail
-        self.active = action != "stop"
+        self.active = action != "stop" and self.installed() not in self.unhealthy
 
-    def logs(self, lines):
+    def installed(self):
+        try:
+            with open(os.path.join(self.install_dir, "package.json")) as f:
+                return json.load(f)["version"]
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def logs(self, lines, output="short-iso"):
         return "\n".join(f"line {i}" for i in range(lines))
 
 
@@ -55,7 +68,7 @@ class Running:
         flags = {name: values.get(name) for name, *_ in bam.OPTIONS}
         settings = bam.resolve_settings(flags, {})
         settings = bam.Settings(dict(vars(settings), port=0))
-        self.systemd = FakeSystemd()
+        self.systemd = FakeSystemd(install_dir=str(install))
         releases = bam.Releases(settings.install_dir, settings.state_dir)
         self.updater = bam.Updater(settings, self.systemd, releases)
         self.updater.recover()
@@ -77,7 +90,7 @@ class Running:
         deadline = time.monotonic() + timeout
         while self.updater.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return self.updater.snapshot()
+        return self.updater.view()
 
     def raw(self, data, read_until_close=True):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
@@ -96,6 +109,12 @@ class Running:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @pytest.fixture
@@ -152,7 +171,7 @@ def test_unknown_paths_and_wrong_methods(srv, method, path, status):
 def test_bad_update_requests_are_400_and_change_nothing(srv, body, words):
     code, answer, _ = srv.request("POST", "/update", body=body)
     assert code == 400 and words in answer["error"]
-    assert srv.updater.snapshot()["state"] == "idle"
+    assert srv.updater.view()["state"] == "idle"
 
 
 @pytest.mark.parametrize("query", ["lines=0", "lines=abc", "lines=-5", "lines=1_0", "lines=99999",
@@ -172,7 +191,7 @@ def test_systemctl_failures_carry_systemds_message(srv):
                                         "ai-hub.service failed because the control process exited")
     code, body, _ = srv.request("POST", "/start")
     assert code == 500 and "Job for ai-hub.service failed" in body["error"]
-    srv.systemd.fail = bam.ManagerError("'systemctl stop ai-hub.service' timed out", status=504)
+    srv.systemd.fail = bam.SystemdError("'systemctl stop ai-hub.service' timed out", timed_out=True)
     code, body, _ = srv.request("POST", "/stop")
     assert code == 504 and "timed out" in body["error"]
 
@@ -238,9 +257,8 @@ def test_token_and_allow_list(tmp_path):
 
 
 def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
-    nas = Nas(str(tmp_path / "nas")).start()
-    try:
-        running = Running(tmp_path, nas_url=nas.url_template(), download_timeout="3")
+    with Nas(str(tmp_path / "nas")) as nas, \
+            Running(tmp_path, nas_url=nas.url_template(), download_timeout="3") as running:
         nas.publish("2.0.11", release_files("2.0.11"))
         nas.faults[nas.path_of("2.0.11")] = "hang"
         code, body, _ = running.request("POST", "/update", {"version": "2.0.11"})
@@ -255,30 +273,22 @@ def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
         code, body, _ = running.request("GET", "/update")
         assert body["state"] == "failed", body
         assert "timed out" in body["error"] or "deadline" in body["error"], body
-        running.close()
-    finally:
-        nas.stop()
 
 
 def test_require_checksum_refuses_a_release_without_one(tmp_path):
-    nas = Nas(str(tmp_path / "nas")).start()
-    try:
-        running = Running(tmp_path, nas_url=nas.url_template(), require_checksum=True)
+    with Nas(str(tmp_path / "nas")) as nas, \
+            Running(tmp_path, nas_url=nas.url_template(), require_checksum=True) as running:
         nas.publish("2.0.11", release_files("2.0.11"), checksum=False)
         assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
         record = running.wait_update(20)
         assert record["state"] == "failed" and "--require-checksum" in record["error"], record
         assert nas.requests == ["/api/raw/2.0.11/hub-2.0.11.tar.gz.sha256"]  # tarball not fetched
         assert running.systemd.calls == []
-        running.close()
-    finally:
-        nas.stop()
 
 
 def test_first_install_on_an_empty_host(tmp_path):
-    nas = Nas(str(tmp_path / "nas")).start()
-    try:
-        running = Running(tmp_path, nas_url=nas.url_template())
+    with Nas(str(tmp_path / "nas")) as nas, \
+            Running(tmp_path, nas_url=nas.url_template()) as running:
         (tmp_path / "install" / "package.json").unlink()
         nas.publish("2.0.11", release_files("2.0.11"))
         assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
@@ -286,9 +296,6 @@ def test_first_install_on_an_empty_host(tmp_path):
         assert record["state"] == "succeeded" and record["from_version"] is None, record
         assert running.request("GET", "/version")[1]["version"] == "2.0.11"
         assert running.systemd.calls == ["restart"]
-        running.close()
-    finally:
-        nas.stop()
 
 
 def test_no_smuggling_past_a_401_or_through_a_folded_header(tmp_path):
@@ -314,9 +321,8 @@ def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
     (nor its record) until the per-read timeout."""
     import io
     import tarfile
-    nas = Nas(str(tmp_path / "nas")).start()
-    try:
-        running = Running(tmp_path, nas_url=nas.url_template(), download_timeout="120")
+    with Nas(str(tmp_path / "nas")) as nas, \
+            Running(tmp_path, nas_url=nas.url_template(), download_timeout="120") as running:
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=0) as tar:
             evil = tarfile.TarInfo("/etc/evil")
@@ -332,6 +338,144 @@ def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
         record = running.wait_update(60)
         assert record["state"] == "failed" and "absolute" in record["error"], record
         assert time.monotonic() - started < 10, "the job waited on the stalled NAS"
-        running.close()
+
+
+def test_head_answers_like_get_without_a_body(srv):
+    code, body, response = srv.request("HEAD", "/status")
+    assert code == 200 and body is None and int(response.getheader("Content-Length")) > 50
+    code, body, response = srv.request("HEAD", "/nope")
+    assert code == 404 and body is None
+    code, body, response = srv.request("PUT", "/version")
+    assert code == 405 and response.getheader("Allow") == "GET, HEAD"
+    code, body, response = srv.request("PUT", "/update")
+    assert response.getheader("Allow") == "GET, HEAD, POST"
+
+
+# --- the update job, with the stand-in for systemd -------------------------------------------
+
+@pytest.fixture
+def fleet_host(tmp_path):
+    """A hand-made install at 2.0.10 and a NAS with 2.0.11 and 2.0.12."""
+    nas = Nas(str(tmp_path / "nas")).start()
+    for version in ("2.0.10", "2.0.11", "2.0.12"):
+        nas.publish(version, release_files(version))
+    running = Running(tmp_path, nas_url=nas.url_template(), settle="0.2", keep_backups="3")
+    yield running, nas
+    running.close()
+    nas.stop()
+
+
+def update(running, body=None, path="/update"):
+    code, answer, _ = running.request("POST", path, body)
+    assert code == 200, answer
+    return running.wait_update(30)
+
+
+def installed(running):
+    return running.request("GET", "/version")[1]["version"]
+
+
+def test_a_release_that_fails_the_health_gate_is_rolled_back(fleet_host):
+    running, _ = fleet_host
+    assert update(running, {"version": "2.0.11"})["state"] == "succeeded"
+    running.systemd.unhealthy = {"2.0.12"}
+    record = update(running, {"version": "2.0.12"})
+    assert record["state"] == "rolled_back" and "ai-hub.service is inactive" in record["error"]
+    assert installed(running) == "2.0.11" and running.systemd.active
+    phases = [entry["state"] for entry in record["log"]]
+    assert phases.index("downloading") < phases.index("verifying") < phases.index("swapping") \
+        < phases.index("restarting") < phases.index("checking"), phases
+    assert running.systemd.calls == ["restart", "restart", "restart"]  # 2.0.11, 2.0.12, back
+    releases = sorted(os.listdir(os.path.join(running.updater.settings.state_dir, "releases")))
+    assert [r.split("-", 1)[1] for r in releases] == ["2.0.10", "2.0.11"]  # the bad one is gone
+
+
+def test_a_health_url_that_does_not_answer_2xx_rolls_back(tmp_path, fleet_host):
+    import http.server
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    health = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=health.serve_forever, daemon=True).start()
+    _, nas = fleet_host
+    (tmp_path / "h").mkdir()
+    try:
+        with Running(tmp_path / "h", nas_url=nas.url_template(), settle="0",
+                     health_url=f"http://127.0.0.1:{health.server_address[1]}/health") as running:
+            record = update(running, {"version": "2.0.11"})
+            assert record["state"] == "rolled_back" and "HTTP 503" in record["error"], record
+            assert installed(running) == "2.0.10"
     finally:
-        nas.stop()
+        health.shutdown()
+
+
+def test_rollback_goes_back_one_release_at_a_time_to_the_hand_made_install(fleet_host):
+    running, _ = fleet_host
+    for version in ("2.0.11", "2.0.12"):
+        assert update(running, {"version": version})["state"] == "succeeded"
+    record = update(running, path="/rollback")
+    assert record["state"] == "succeeded" and record["action"] == "rollback"
+    assert installed(running) == "2.0.11"
+    assert update(running, path="/rollback")["state"] == "succeeded"
+    assert installed(running) == "2.0.10"  # the copy of the install made before the manager
+    code, body, _ = running.request("POST", "/rollback")
+    assert code == 409 and "no previous release" in body["error"]
+
+
+# What recovery must do after the manager died in each phase of an update to 2.0.12 (from
+# 2.0.11). Written out here, not taken from the code's own table.
+AFTER_A_CRASH_IN = {"downloading": "failed", "verifying": "failed", "swapping": "failed",
+                    "restarting": "rolled_back", "checking": "rolled_back"}
+
+
+def test_every_working_phase_has_a_recovery_outcome():
+    assert set(AFTER_A_CRASH_IN) == set(bam.WORKING_STATES)
+
+
+@pytest.mark.parametrize("phase", sorted(AFTER_A_CRASH_IN))
+def test_recovery_after_a_crash_in_each_phase(fleet_host, phase):
+    """Lay the disk and the record as a manager killed in `phase` leaves them, start a new
+    manager on them, and check the outcome."""
+    running, _ = fleet_host
+    assert update(running, {"version": "2.0.11"})["state"] == "succeeded"
+    settings, releases = running.updater.settings, running.updater.releases
+    running.close()
+    before = releases.current_id()
+    staging = releases.new_staging("release")
+    os.makedirs(os.path.join(staging, "tree", "dist"))  # a half-unpacked download
+    added = None
+    if phase in ("swapping", "restarting", "checking"):  # the new release was added ...
+        tree = os.path.join(staging, "tree")
+        shutil.copytree(releases.path(before), tree, symlinks=True, dirs_exist_ok=True)
+        with open(os.path.join(tree, "package.json"), "w") as f:
+            json.dump({"name": "@proxmox-ai-control/hub", "version": "2.0.12"}, f)
+        added = releases.add(tree, "2.0.12")
+        if phase != "swapping":  # ... and switched in by restarting's first act
+            releases.switch(added)
+    record = {"action": "update", "state": phase, "version": "2.0.12", "from_version": "2.0.11",
+              "fallback": before, "target": added, "error": None, "log": []}
+    with open(os.path.join(settings.state_dir, "update.json"), "w") as f:
+        json.dump(record, f)
+
+    restarted = Running.__new__(Running)  # the next start, on the same folders
+    restarted.systemd = FakeSystemd(install_dir=settings.install_dir)
+    updater = bam.Updater(settings, restarted.systemd, bam.Releases(settings.install_dir,
+                                                                    settings.state_dir))
+    updater.recover()
+    after = updater.view()
+    assert after["state"] == AFTER_A_CRASH_IN[phase], after
+    assert f"the manager stopped during '{phase}'" in after["error"]
+    assert updater.releases.current_id() == before
+    assert os.listdir(os.path.join(settings.state_dir, "staging")) == []
+    assert [r for r in updater.releases.ids() if r > before] == []  # the new one is gone
+    with open(os.path.join(settings.install_dir, "package.json")) as f:
+        assert json.load(f)["version"] == "2.0.11"
+    expected_calls = ["restart"] if AFTER_A_CRASH_IN[phase] == "rolled_back" else []
+    assert restarted.systemd.calls == expected_calls

@@ -104,7 +104,7 @@ def test_plain_versions_are_accepted(good):
 @pytest.mark.parametrize("bad", ["", "../2.0.11", "2.0/11", "2..0", ".2.0", "-rc", "2.0.11\n",
                                  "x" * 65, None, 2011, ["2.0.11"], "2.0 .11", "%2e%2e"])
 def test_path_like_or_odd_versions_are_refused(bad):
-    with pytest.raises(bam.BadRequest):
+    with pytest.raises(bam.InvalidInput):
         bam.parse_version(bad)
 
 
@@ -143,13 +143,25 @@ def test_parse_show_reads_key_value_lines_in_any_order():
 
 
 def test_command_runner_kills_the_whole_group_on_timeout(tmp_path):
-    marker = tmp_path / "grandchild-survived"
-    script = f"(sleep 1.5; touch {marker}) & sleep 30"
-    result = bam.run_command(["/bin/sh", "-c", script], timeout=0.5)
-    assert result.timed_out and not result.ok and "timed out" in result.message()
+    """A grandchild (which subprocess's own timeout would leave running) writes its pid, then
+    sleeps 30 s; after the timeout it must be gone: seen dead, not assumed from silence."""
     import time
-    time.sleep(2)
-    assert not marker.exists()
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"/bin/sh -c 'echo $$ > {pidfile}; exec sleep 30' & sleep 30"
+    result = bam.run_command(["/bin/sh", "-c", script], timeout=1.0)
+    assert result.timed_out and not result.ok and "timed out" in result.message()
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie waiting to be reaped is dead
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        assert not os.path.exists(f"/proc/{pid}"), "the grandchild survived the timeout"
 
 
 def test_command_runner_uses_a_small_fixed_environment(monkeypatch):
