@@ -972,7 +972,9 @@ class TarReader:
                     pax = self._pax(data)
                 continue
             name = _tar_text(block[0:100])
-            if block[257:262] == b"ustar" and block[345] != 0:
+            # The prefix field exists only with the POSIX magic "ustar\0": GNU headers
+            # ("ustar  \0") keep the access and change times there.
+            if block[257:263] == b"ustar\0" and block[345] != 0:
                 name = _tar_text(block[345:500]) + "/" + name
             info = tarfile.TarInfo(pax.get("path", long_name or name))
             info.linkname = pax.get("linkpath", long_link or _tar_text(block[157:257]))
@@ -1274,12 +1276,21 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         raise ReleaseError(f"the NAS answered {code} redirect to {newurl}; redirects are not followed")
 
 
+@functools.lru_cache(maxsize=None)
+def url_opener(follow_redirects=False):
+    """urllib's opener without proxies from the environment, built once per kind (building one
+    makes an HTTPS context, which loads the CA certificates every time)."""
+    handlers = [urllib.request.ProxyHandler({})]
+    if not follow_redirects:
+        handlers.append(_NoRedirect())
+    return urllib.request.build_opener(*handlers)
+
+
 def open_url(url, timeout):
     """GET url without proxies from the environment or redirects. Returns the response or raises
     ReleaseError; an HTTP 404 raises NoSuchRelease."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
     try:
-        response = opener.open(urllib.request.Request(url, headers={"User-Agent":
+        response = url_opener().open(urllib.request.Request(url, headers={"User-Agent":
                                f"backend-ai-manager/{__version__}"}), timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
@@ -1997,9 +2008,7 @@ class Updater:
         error = None
         while time.monotonic() < deadline:
             try:
-                request = urllib.request.Request(url)
-                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                with opener.open(request, timeout=5) as response:
+                with url_opener(follow_redirects=True).open(url, timeout=5) as response:
                     if 200 <= response.status < 300:
                         return
                     error = f"HTTP {response.status}"

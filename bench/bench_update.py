@@ -187,7 +187,7 @@ def main():
     if reason:
         sys.exit(f"bench: {reason}")
     with Lab("bench-update", args.work_dir) as lab:
-        sb, nas = lab.sandbox, lab.nas
+        sb = lab.sandbox
         print("building releases of the Node hub (npm ci, tsc) ...", flush=True)
         prepared = nodehub.prepare(lab.work)
         # Both sides restart the service about once a second: lift systemd's start rate limit

@@ -11,16 +11,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import nodehub  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
-from support import Nas, lab_dir, remove_lab_dir  # noqa: E402
-
-
-# The end-to-end runs: Debian's own python3 (3.11.2, tarfile without extraction filters), the
-# oldest supported and the newest Python.
-INTERPRETERS = {
-    "debian-3.11.2": "/usr/bin/python3",
-    "3.9": "/root/.pyenv/versions/3.9.18/bin/python3",
-    "3.13": "/root/.pyenv/versions/3.13.0/bin/python3",
-}
+from support import INTERPRETERS, Nas, lab_dir, remove_lab_dir  # noqa: E402,F401
 
 
 def interpreter(label):

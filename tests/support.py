@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -25,6 +26,43 @@ sys.path.insert(0, REPO)
 import backend_ai_manager as bam  # noqa: E402  (its names: the job's states)
 
 MANAGER = os.path.join(REPO, "backend_ai_manager.py")
+
+
+def _newest(pattern):
+    import glob
+    found = sorted(glob.glob(os.path.expanduser(pattern)),
+                   key=lambda p: [int(x) for x in re.findall(r"\d+", p.split("versions/")[1])])
+    return found[-1] if found else os.path.expanduser(pattern)
+
+
+# The interpreters every end-to-end and command-line test runs the manager under: Debian's own
+# python3 (3.11.2, tarfile without extraction filters), the oldest supported and the newest
+# (pyenv). The one list; tests/conftest.py's interpreter(label) skips a missing one (fails
+# under CI=true).
+INTERPRETERS = {
+    "debian-3.11.2": "/usr/bin/python3",
+    "3.9": _newest("~/.pyenv/versions/3.9.*/bin/python3"),
+    "3.13": _newest("~/.pyenv/versions/3.13.*/bin/python3"),
+}
+
+
+def http_call(port, method, path, body=None, headers=None, timeout=30):
+    """One request to a manager on 127.0.0.1:`port`, on a fresh connection. `body` is bytes or
+    a JSON value. Returns (status, headers, JSON answer, or the raw bytes if not JSON)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw
+        return response.status, response.headers, payload
+    finally:
+        conn.close()
 
 # Where the demo, the tests and the benchmarks put their lab (sandbox, NAS, the hosts' install and
 # state dirs): not in the checkout, which may be anywhere. The shipped manager units make /home,
@@ -123,33 +161,58 @@ def release_files(version, name="@proxmox-ai-control/hub", crash=False, extra=No
     return files
 
 
+def release_members(files, wrap=None):
+    """The members of a release tarball holding `files` ({name: bytes | ('symlink', target)}),
+    folders first, for tar_bytes(); `wrap` puts everything under one folder (as `npm pack`
+    writes 'package/')."""
+    members, dirs, now = [], set(), int(time.time())
+    for name in sorted(files):
+        full = f"{wrap}/{name}" if wrap else name
+        parts = full.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder not in dirs:
+                dirs.add(folder)
+                members.append((dict(name=folder, type=tarfile.DIRTYPE, mode=0o755, mtime=now),
+                                None))
+        content = files[name]
+        if isinstance(content, tuple) and content[0] == "symlink":
+            members.append((dict(name=full, type=tarfile.SYMTYPE, linkname=content[1],
+                                 mtime=now), None))
+        else:
+            executable = name.endswith("/tsc") or name.endswith(".sh")
+            members.append((dict(name=full, mode=0o755 if executable else 0o644, mtime=now),
+                            content))
+    return members
+
+
+def tar_bytes(members, gzip_level=None, format=tarfile.PAX_FORMAT):
+    """The one tar builder of the tests: `members` is a list of (TarInfo fields with 'name',
+    data bytes or None), written in that order, hostile ones included as given. Gzipped when
+    gzip_level is set."""
+    buf = io.BytesIO()
+    options = {"compresslevel": gzip_level} if gzip_level is not None else {}
+    with tarfile.open(fileobj=buf, mode="w:gz" if options else "w", format=format,
+                      **options) as tar:
+        for fields, data in members:
+            fields = dict(fields)
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
 def make_tarball(path, files, wrap=None, level=9):
-    """Write a .tar.gz at `path` holding `files` ({name: bytes | ('symlink', target)});
-    `wrap` puts everything under one folder (as `npm pack` writes 'package/')."""
-    opened = tarfile.open(path, "w:gz", compresslevel=level) if isinstance(path, str) else \
-        tarfile.open(fileobj=path, mode="w:gz", compresslevel=level)
-    with opened as tar:
-        dirs = set()
-        for name in sorted(files):
-            full = f"{wrap}/{name}" if wrap else name
-            parts = full.split("/")
-            for i in range(1, len(parts)):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    info = tarfile.TarInfo(d)
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
-                    tar.addfile(info)
-            content = files[name]
-            info = tarfile.TarInfo(full)
-            info.mtime = int(time.time())
-            if isinstance(content, tuple) and content[0] == "symlink":
-                info.type, info.linkname = tarfile.SYMTYPE, content[1]
-                tar.addfile(info)
-            else:
-                info.size = len(content)
-                info.mode = 0o755 if name.endswith("/tsc") or name.endswith(".sh") else 0o644
-                tar.addfile(info, io.BytesIO(content))
+    """Write a release .tar.gz holding `files` to `path` (a file name or a binary file)."""
+    data = tar_bytes(release_members(files, wrap), gzip_level=level)
+    if isinstance(path, str):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write(data)
     return path
 
 
@@ -527,16 +590,9 @@ class Host:
             self.sandbox.systemctl("reset-failed", unit)
 
     def api(self, method, path, body=None, headers=None, timeout=30):
-        import http.client
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        data = None if body is None else (body if isinstance(body, bytes) else
-                                          json.dumps(body).encode())
-        try:
-            conn.request(method, path, body=data, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            conn.close()
+        """(status, JSON answer) of one request to this host's manager."""
+        status, _, payload = http_call(self.port, method, path, body, headers, timeout)
+        return status, payload
 
     def wait_update(self, timeout=90):
         """Poll GET /update until the job is no longer working; return the record."""

@@ -22,7 +22,6 @@ are grouped so that the module starts each host once.
 """
 
 import concurrent.futures
-import http.client
 import json
 import os
 import random
@@ -37,7 +36,7 @@ import urllib.parse
 
 import pytest
 
-from support import Host
+from support import Host, http_call
 
 PYTHON = "/usr/bin/python3"
 REQUEST_TIMEOUT = 3    # BACKEND_AI_REQUEST_TIMEOUT of the main host (the default is 10)
@@ -173,19 +172,8 @@ def assert_no_traceback(host):
 
 
 def call(host, method, path, body=None, headers=None, timeout=10):
-    """One request with http.client: (status, headers, JSON body or raw bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        try:
-            payload = json.loads(raw) if raw else None
-        except ValueError:
-            payload = raw
-        return response.status, response.headers, payload
-    finally:
-        conn.close()
+    """One request: (status, headers, JSON body or raw bytes)."""
+    return http_call(host.port, method, path, body, headers, timeout)
 
 
 def served_again(host, within=3):

@@ -13,34 +13,15 @@ import tarfile
 
 import pytest
 
-from support import Host, make_tarball, release_files
+from support import Host, make_tarball, release_files, release_members, tar_bytes
 from conftest import INTERPRETERS, interpreter
 
 
 def tarball(members, version, extra_first=True):
-    """A .tar.gz of a valid release of `version` plus hostile `members` [(TarInfo kwargs, data)]."""
-    good = io.BytesIO()
-    make_tarball(good, release_files(version))
-    good.seek(0)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=good, mode="r:gz") as src, \
-            tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as dst:
-        def add_hostile():
-            for fields, data in members:
-                fields = dict(fields)
-                info = tarfile.TarInfo(fields.pop("name"))
-                for key, value in fields.items():
-                    setattr(info, key, value)
-                if data is not None:
-                    info.size = len(data)
-                dst.addfile(info, io.BytesIO(data) if data is not None else None)
-        if extra_first:
-            add_hostile()
-        for member in src:
-            dst.addfile(member, src.extractfile(member) if member.isreg() else None)
-        if not extra_first:
-            add_hostile()
-    return out.getvalue()
+    """A .tar.gz of a valid release of `version` plus hostile `members` [(TarInfo fields,
+    data)], before or after the release's own."""
+    good = release_members(release_files(version))
+    return tar_bytes(members + good if extra_first else good + members, gzip_level=9)
 
 
 def sym(name, target):

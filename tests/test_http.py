@@ -3,7 +3,6 @@ use the real one): routing, the error table, body rules, access control; and the
 logic, fast and without root: the health gate, automatic rollback, /rollback, and recovery
 after a crash in each phase."""
 
-import http.client
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import time
 import pytest
 
 import backend_ai_manager as bam
-from support import Nas, release_files
+from support import Nas, http_call, release_files
 
 
 class FakeSystemd:
@@ -77,13 +76,9 @@ class Running:
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        conn.close()
-        return response.status, (json.loads(raw) if raw else None), response
+        """(status, JSON answer, headers) of one request."""
+        status, headers, payload = http_call(self.port, method, path, body, headers, timeout=10)
+        return status, payload, headers
 
     def wait_update(self, timeout):
         """Wait (at most `timeout` s) until the update job is over; return its record."""
@@ -158,8 +153,8 @@ def test_unknown_paths_and_wrong_methods(srv, method, path, status):
     code, body, response = srv.request(method, path)
     assert code == status and body["success"] is False and body["error"]
     if status == 405:
-        assert response.getheader("Allow")
-        assert method not in response.getheader("Allow")
+        assert response.get("Allow")
+        assert method not in response.get("Allow")
     assert srv.systemd.calls == []
 
 
@@ -235,7 +230,7 @@ def test_token_and_allow_list(tmp_path):
     try:
         for method, path in (("GET", "/status"), ("POST", "/stop"), ("GET", "/logs")):
             code, body, response = running.request(method, path)
-            assert code == 401 and response.getheader("WWW-Authenticate").startswith("Bearer")
+            assert code == 401 and response.get("WWW-Authenticate").startswith("Bearer")
             code, _, _ = running.request(method, path, headers={
                 "Authorization": "Bearer s3cret-token-0123456789"})
             assert code == 200
@@ -342,13 +337,13 @@ def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
 
 def test_head_answers_like_get_without_a_body(srv):
     code, body, response = srv.request("HEAD", "/status")
-    assert code == 200 and body is None and int(response.getheader("Content-Length")) > 50
+    assert code == 200 and body is None and int(response.get("Content-Length")) > 50
     code, body, response = srv.request("HEAD", "/nope")
     assert code == 404 and body is None
     code, body, response = srv.request("PUT", "/version")
-    assert code == 405 and response.getheader("Allow") == "GET, HEAD"
+    assert code == 405 and response.get("Allow") == "GET, HEAD"
     code, body, response = srv.request("PUT", "/update")
-    assert response.getheader("Allow") == "GET, HEAD, POST"
+    assert response.get("Allow") == "GET, HEAD, POST"
 
 
 # --- the update job, with the stand-in for systemd -------------------------------------------

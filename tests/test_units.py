@@ -13,7 +13,8 @@ import zlib
 import pytest
 
 import backend_ai_manager as bam
-from support import make_tarball, release_files
+from support import INTERPRETERS, make_tarball, release_files, tar_bytes
+from conftest import interpreter
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -217,20 +218,8 @@ def test_symlink_targets_must_stay_inside(link, target, root, inside):
 # --- the extractor, on hostile archives built here ----------------------------------------------
 
 def tar_stream(members):
-    """members: list of (TarInfo kwargs, data or None) -> an uncompressed tar as a file object."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for fields, data in members:
-            info = tarfile.TarInfo(fields.pop("name"))
-            for key, value in fields.items():
-                setattr(info, key, value)
-            if data is not None:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                tar.addfile(info)
-    buf.seek(0)
-    return buf
+    """members: list of (TarInfo fields, data or None) -> an uncompressed tar as a file object."""
+    return io.BytesIO(tar_bytes(members))
 
 
 def extract(tmp_path, members, max_bytes=1 << 20, max_members=100, max_file=None):
@@ -456,11 +445,7 @@ def test_demo_release_tarball_extracts(tmp_path):
 
 # --- the command line, under every supported interpreter ---------------------------------------
 
-PYTHONS = [p for p in ("/usr/bin/python3", "/root/.pyenv/versions/3.9.18/bin/python3",
-                       "/root/.pyenv/versions/3.13.0/bin/python3") if os.path.exists(p)]
-
-
-@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("label", sorted(INTERPRETERS))
 @pytest.mark.parametrize("args, env, words", [
     (["serve"], {}, "invalid role"),
     (["serve", "--role", "hub", "--port", "99999"], {}, "--port"),
@@ -468,7 +453,8 @@ PYTHONS = [p for p in ("/usr/bin/python3", "/root/.pyenv/versions/3.9.18/bin/pyt
     (["serve", "--role", "hub", "--bogus"], {}, "unrecognized arguments"),
     (["serve", "--role", "king"], {}, "invalid choice"),
 ])
-def test_bad_settings_stop_the_daemon_with_one_line(python, args, env, words):
+def test_bad_settings_stop_the_daemon_with_one_line(label, args, env, words):
+    python = interpreter(label)
     import subprocess
     manager = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "backend_ai_manager.py")
