@@ -2201,6 +2201,26 @@ class Api:
                      "logs": self.systemd.logs(lines)}
 
 
+class _SocketWriter:
+    """The handler's wfile: collects the response and sends it with one sendall() on flush.
+    Headers and body written separately would meet Nagle's algorithm and the client's delayed
+    ACK on a keep-alive connection (tens of milliseconds per answer). The socket has a timeout,
+    so a client that does not read its answer holds a worker at most that long."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.parts = []
+
+    def write(self, data):
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self):
+        if self.parts:
+            data, self.parts = b"".join(self.parts), []
+            self.sock.sendall(data)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routing, body rules, access control and the one JSON error shape."""
 
@@ -2348,26 +2368,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], fmt % args)
 
 
-class _SocketWriter:
-    """The handler's wfile: collects the response and sends it with one sendall() on flush.
-    Headers and body written separately would meet Nagle's algorithm and the client's delayed
-    ACK on a keep-alive connection (tens of milliseconds per answer). The socket has a timeout,
-    so a client that does not read its answer holds a worker at most that long."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.parts = []
-
-    def write(self, data):
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def flush(self):
-        if self.parts:
-            data, self.parts = b"".join(self.parts), []
-            self.sock.sendall(data)
-
-
 class _Connection:
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
@@ -2411,6 +2411,13 @@ def frame_request(buf):
         return end, "close"
     total = end + int(lengths[0])
     return (total, None) if len(buf) >= total else (None, None)
+
+
+def client_allowed(address, networks):
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class Server:
@@ -2685,13 +2692,6 @@ class Server:
         self.wake_w.close()
 
 
-def client_allowed(address, networks):
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
-
-
 # ============================================================================================
 # Command line
 # ============================================================================================
@@ -2707,14 +2707,14 @@ def build_parser():
                      description="Control one systemd service over HTTP (backend-ai-manager).")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the daemon")
+    daemon = commands.add_parser("serve", help="run the daemon")
     for name, flag, env, parse, text in OPTIONS:
         if name == "require_checksum":
-            serve.add_argument(flag, dest=name, action="store_const", const=True, default=None,
-                               help=f"{text} (${env})")
+            daemon.add_argument(flag, dest=name, action="store_const", const=True, default=None,
+                                help=f"{text} (${env})")
         else:
-            serve.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
-                               choices=list(ROLES) if name == "role" else None)
+            daemon.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
+                                choices=list(ROLES) if name == "role" else None)
     return parser
 
 
