@@ -137,7 +137,16 @@ COMMON_DEFAULTS = {
     "command_timeout": "90",
     "max_connections": "256",
     "request_timeout": "10",
+    "agents": "",
+    "agent_token_file": "",
+    "rollout_batches": "1,25%,100%",
+    "rollout_parallel": "4",
+    "rollout_max_failures": "0",
+    "rollout_agent_timeout": "900",
 }
+# Settings only a hub takes: an agent given one (by flag or variable) refuses to start.
+HUB_ONLY = ("agents", "agent_token_file", "rollout_batches", "rollout_parallel",
+            "rollout_max_failures", "rollout_agent_timeout")
 
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}\.service$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
@@ -228,6 +237,63 @@ def _token_file(text):
     return text
 
 
+AGENT_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]{1,253}))(?::([0-9]{1,5}))?$")
+
+
+def parse_agents(text):
+    """`host[:port]` entries (port 3081 when left out), separated by commas or lines, `#`
+    comments allowed -> ['host:port', ...] in the order given, each once. Raises ValueError."""
+    agents = []
+    for line in text.splitlines():
+        for entry in line.split("#", 1)[0].split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            match = AGENT_RE.fullmatch(entry)
+            port = int(match.group(3)) if match and match.group(3) else 3081
+            if not match or not 1 <= port <= 65535:
+                raise ValueError(f"{entry!r} is not host[:port]")
+            host = match.group(1) or match.group(2)
+            if match.group(1):
+                try:
+                    host = f"[{ipaddress.IPv6Address(host)}]"
+                except ValueError:
+                    raise ValueError(f"{entry!r} has no valid IPv6 address") from None
+            agent = f"{host}:{port}"
+            if agent not in agents:
+                agents.append(agent)
+    return agents
+
+
+def _agents(text):
+    """An agent list, or @FILE with one agent a line (read again at each use)."""
+    if text.startswith("@"):
+        path = text[1:]
+        if not path.startswith("/"):
+            raise ValueError("expected @/absolute/path")
+        try:
+            with open(path, encoding="utf-8") as f:  # checked now; read afresh at each use
+                parse_agents(f.read(1 << 20))
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        return text
+    parse_agents(text)
+    return text
+
+
+def _batches(text):
+    """'1,25%,100%' -> [(1, False), (25, True), (100, True)]: counts or percentages of all
+    agents, each at least 1 agent; the last one repeats."""
+    batches = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"([0-9]{1,6})(%?)", part)
+        if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(1)) > 100):
+            raise ValueError(f"{part!r} is not a count (1 or more) or a percentage (1% to 100%)")
+        batches.append((int(match.group(1)), bool(match.group(2))))
+    return batches
+
+
 def _networks(text):
     if text.strip() == "":
         return ()
@@ -275,6 +341,18 @@ OPTIONS = [
      "largest single file of a release accepted"),
     ("max_members", "--max-members", "BACKEND_AI_MAX_MEMBERS", _int_in(1, 10_000_000),
      "most files a release may hold"),
+    ("agents", "--agents", "BACKEND_AI_AGENTS", _agents,
+     "hub only: host[:port],... or @FILE (one a line), the agents' managers"),
+    ("agent_token_file", "--agent-token-file", "BACKEND_AI_AGENT_TOKEN_FILE", _token_file,
+     "hub only: the bearer token sent to agents"),
+    ("rollout_batches", "--rollout-batches", "BACKEND_AI_ROLLOUT_BATCHES", _batches,
+     "hub only: batch sizes, counts or percentages; the first is the canary, the last repeats"),
+    ("rollout_parallel", "--rollout-parallel", "BACKEND_AI_ROLLOUT_PARALLEL", _int_in(1, 256),
+     "hub only: agents updated at once inside a batch"),
+    ("rollout_max_failures", "--rollout-max-failures", "BACKEND_AI_ROLLOUT_MAX_FAILURES",
+     _int_in(0, 100000), "hub only: failures the whole rollout may have; one more halts it"),
+    ("rollout_agent_timeout", "--rollout-agent-timeout", "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT",
+     _seconds(86400), "hub only: longest one agent's update may take"),
 ]
 
 
@@ -289,10 +367,29 @@ class Settings:
         raise AttributeError("settings are frozen")
 
     def token(self):
-        if not self.token_file:
-            return None
-        with open(self.token_file, encoding="utf-8") as f:
-            return f.read().strip()
+        return _read_token(self.token_file)
+
+    def agent_token(self):
+        return _read_token(self.agent_token_file)
+
+    def agent_list(self):
+        """The agents, read afresh (an @FILE list changes without a restart); raises
+        ConfigError if it cannot be read or parsed now."""
+        text = self.agents
+        try:
+            if text.startswith("@"):
+                with open(text[1:], encoding="utf-8") as f:
+                    text = f.read(1 << 20)
+            return parse_agents(text)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the agent list {self.agents!r}: {e}") from None
+
+
+def _read_token(path):
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def resolve_settings(flags, environ):
@@ -315,6 +412,8 @@ def resolve_settings(flags, environ):
             raw, origin = environ[env], env
         else:
             raw, origin = defaults[name], "default"
+        if name in HUB_ONLY and role != "hub" and origin != "default":
+            raise ConfigError(f"{flag} ({origin}) is a hub setting; an agent does not take it")
         if isinstance(raw, bool):
             raw = "yes" if raw else "no"
         try:
@@ -2084,6 +2183,198 @@ class Updater:
 
 
 # ============================================================================================
+# Fleet: the hub's view of its agents (GET /agents). The hub talks to each agent's manager with
+# AgentCall: every call has a connect deadline and a deadline for the whole answer, answers are
+# bounded in size and checked field by field (an agent is untrusted input), there are no
+# proxies and no redirects, and the agent token goes to agents only. Many calls run at once in
+# one thread, on a selector: the hub's memory does not grow with the number of agents.
+# ============================================================================================
+
+AGENT_CONNECT_TIMEOUT = 2.0   # seconds to connect to an agent's manager
+AGENT_STATUS_DEADLINE = 5.0   # seconds for a whole GET /status answer
+MAX_AGENT_ANSWER = 64 << 10   # bytes an agent's answer may have, head included
+
+
+class AgentCall:
+    """One HTTP/1.1 request to an agent's manager, driven by run_agent_calls(). Afterwards
+    `answered` (an HTTP status line came back), `status` and `payload` (the JSON object
+    answered; None unless the whole answer was good), `error` (None or what went wrong) and
+    `rtt_ms`."""
+
+    def __init__(self, agent, method, path, body=None, token=None):
+        self.agent, self.method, self.path = agent, method, path
+        self.status = self.payload = self.error = self.rtt_ms = None
+        self.answered = False
+        self.sock = None
+        self.received = bytearray()
+        head = [f"{method} {path} HTTP/1.1", f"Host: {agent}",
+                f"User-Agent: backend-ai-manager/{__version__}", "Accept: application/json",
+                "Connection: close"]
+        if token:
+            head.append(f"Authorization: Bearer {token}")
+        data = json.dumps(body).encode() if body is not None else b""
+        if body is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        self.outgoing = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+    def address(self):
+        host, _, port = self.agent.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            ipaddress.ip_address(host)
+            return family, (host, int(port))
+        except ValueError:  # a name: resolved here (list agents by address to avoid DNS)
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+            return info[0], info[4]
+
+    def fail(self, error):
+        if self.error is None and self.status is None:
+            self.error = error
+        self.close()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def finish(self):
+        """Parse what was received once the agent closed (the request asked it to)."""
+        head, sep, body = bytes(self.received).partition(b"\r\n\r\n")
+        match = re.match(rb"HTTP/1\.[01] ([0-9]{3})", head)
+        if not sep or not match:
+            return self.fail("malformed answer: not HTTP")
+        self.answered = True
+        length = re.search(rb"\r\ncontent-length: *([0-9]{1,9})\r?(\n|$)", head.lower() + b"\r\n")
+        if length and len(body) < int(length.group(1)):
+            return self.fail(f"answer cut short: {len(body)} of {int(length.group(1))} bytes")
+        if length:
+            body = body[:int(length.group(1))]
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return self.fail(f"malformed answer (HTTP {match.group(1).decode()}): not JSON")
+        if not isinstance(payload, dict):
+            return self.fail("malformed answer: not a JSON object")
+        self.status, self.payload = int(match.group(1)), payload
+        self.close()
+
+
+def run_agent_calls(calls, connect_timeout, deadline):
+    """Run every AgentCall at once, until each has its answer or its deadline passed."""
+    started = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        for call in calls:
+            try:
+                family, address = call.address()
+                call.sock = socket.socket(family, socket.SOCK_STREAM)
+                call.sock.setblocking(False)
+                err = call.sock.connect_ex(address)
+            except OSError as e:
+                call.fail(f"cannot connect: {e.strerror or e}")
+                continue
+            if err not in (0, errno.EINPROGRESS):
+                call.fail(f"cannot connect: {os.strerror(err)}")
+                continue
+            selector.register(call.sock, selectors.EVENT_WRITE, call)
+        connected = set()
+        while selector.get_map():
+            now = time.monotonic()
+            if now - started >= deadline:
+                break
+            for key in list(selector.get_map().values()):
+                call = key.data
+                if call not in connected and now - started >= connect_timeout:
+                    selector.unregister(key.fileobj)
+                    call.fail(f"no connection within {connect_timeout:g} s")
+            for key, events in selector.select(timeout=0.05):
+                call = key.data
+                try:
+                    if call not in connected:
+                        err = call.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, os.strerror(err))
+                        connected.add(call)
+                    if call.outgoing:
+                        call.outgoing = call.outgoing[call.sock.send(call.outgoing):]
+                        if not call.outgoing:
+                            selector.modify(call.sock, selectors.EVENT_READ, call)
+                        continue
+                    data = call.sock.recv(65536)
+                    if data:
+                        call.received += data
+                        call.answered = call.answered or bool(
+                            re.match(rb"HTTP/1\.[01] [0-9]{3} ", call.received))
+                        if len(call.received) > MAX_AGENT_ANSWER:
+                            raise ValueError(f"answer over {MAX_AGENT_ANSWER} bytes")
+                        continue
+                    selector.unregister(call.sock)
+                    call.finish()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except (OSError, ValueError) as e:
+                    selector.unregister(key.fileobj)
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    call.fail(reason if isinstance(e, ValueError) else f"connection failed: "
+                              f"{reason}")
+                if call.sock is None or call.status is not None:
+                    call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
+        for key in list(selector.get_map().values()):
+            key.data.fail(f"no answer within {deadline:g} s")
+    for call in calls:
+        call.close()
+        if call.rtt_ms is None and call.status is not None:
+            call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
+    return calls
+
+
+def _text(value, limit=500):
+    """A string field of an agent's answer, bounded; None for anything else."""
+    return value[:limit] if isinstance(value, str) else None
+
+
+def agent_status(call):
+    """GET /agents' entry for one agent's GET /status call, every field checked."""
+    entry = {"agent": call.agent, "reachable": call.answered, "running": None,
+             "active_state": None, "version": None, "update": None, "rtt_ms": call.rtt_ms,
+             "error": call.error}
+    if call.status is None:
+        return entry
+    payload = call.payload
+    if call.status != 200:
+        entry["error"] = f"HTTP {call.status}: {_text(payload.get('error')) or 'no message'}"
+        return entry
+    running, version = payload.get("running"), payload.get("version")
+    if not isinstance(running, bool) or not (version is None or (
+            isinstance(version, str) and VERSION_RE.fullmatch(version))):
+        entry["error"] = "malformed answer: no 'running' true/false or no valid 'version'"
+        return entry
+    entry.update(running=running, version=version, active_state=_text(
+        payload.get("active_state"), 64))
+    update = payload.get("update")
+    if isinstance(update, dict):
+        entry["update"] = {key: _text(update.get(key)) for key in ("state", "version", "error")}
+    return entry
+
+
+def agents_overview(settings, hub_version):
+    """GET /agents: every agent's status, fetched at once within AGENT_STATUS_DEADLINE."""
+    token = settings.agent_token()
+    calls = [AgentCall(agent, "GET", "/status", token=token) for agent in settings.agent_list()]
+    run_agent_calls(calls, AGENT_CONNECT_TIMEOUT, AGENT_STATUS_DEADLINE)
+    agents = [agent_status(call) for call in calls]
+    versions = {}
+    for entry in agents:
+        if entry["version"]:
+            versions[entry["version"]] = versions.get(entry["version"], 0) + 1
+    return {"agents": agents, "summary": {
+        "total": len(agents), "reachable": sum(e["reachable"] for e in agents),
+        "running": sum(e["running"] is True for e in agents), "versions": versions,
+        "hub_version": hub_version,
+        "skew": [e["agent"] for e in agents if e["version"] and e["version"] != hub_version]}}
+
+
+# ============================================================================================
 # HTTP API: a routing table; every answer is JSON; every error has one shape.
 # ============================================================================================
 
@@ -2150,6 +2441,8 @@ class Api:
             ("GET", "/version"): self.version,
             ("GET", "/logs"): self.logs,
         }
+        if settings.role == "hub":
+            self.routes[("GET", "/agents")] = self.agents
 
     def status(self, request):
         result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE)
@@ -2185,6 +2478,13 @@ class Api:
         record = self.updater.start_rollback()
         return 200, {"success": True, "message": f"{self.settings.title} rollback to version "
                      f"{record['version']} started", "update": record}
+
+    def agents(self, request):
+        try:
+            hub_version = installed_version(self.settings)[0]
+        except ManagerError:
+            hub_version = None
+        return 200, agents_overview(self.settings, hub_version)
 
     def version(self, request):
         version, name = installed_version(self.settings)

@@ -46,11 +46,11 @@ INTERPRETERS = {
 }
 
 
-def http_call(port, method, path, body=None, headers=None, timeout=30):
-    """One request to a manager on 127.0.0.1:`port`, on a fresh connection. `body` is bytes or
-    a JSON value. Returns (status, headers, JSON answer, or the raw bytes if not JSON)."""
+def http_call(port, method, path, body=None, headers=None, timeout=30, host="127.0.0.1"):
+    """One request to a manager on host:`port`, on a fresh connection. `body` is bytes or a
+    JSON value. Returns (status, headers, JSON answer, or the raw bytes if not JSON)."""
     import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     try:
         conn.request(method, path, body=data, headers=headers or {})
@@ -440,8 +440,17 @@ class Host:
     MANAGER_UNIT = "ai-hub-manager.service"
 
     def __init__(self, sandbox, base, nas, python="/usr/bin/python3", settle=1, env=None,
-                 service_unit_lines=(), node=None, service_lines=()):
+                 service_unit_lines=(), node=None, service_lines=(), role="hub", name=None,
+                 address="127.0.0.1", port=None):
         self.sandbox, self.base, self.nas, self.python = sandbox, base, nas, python
+        # An agent host (role "agent") runs the shipped ai-agent-manager.service; several hosts
+        # in one sandbox need units of their own (name) and, on port 3081, addresses of their
+        # own (127.0.1.N: the whole of 127/8 answers on lo).
+        self.role, self.address = role, address
+        self.kind = "agent" if role == "agent" else "hub"
+        if name:
+            self.SERVICE = f"ai-{self.kind}-{name}.service"
+            self.MANAGER_UNIT = f"ai-{self.kind}-manager-{name}.service"
         self.service_unit_lines = service_unit_lines  # added to the service's [Unit] section
         self.service_lines = service_lines  # added to its [Service] section (User=, ...)
         # The real Node hub (nodehub.prepare()'s folder) or, with None, the small Python
@@ -452,12 +461,13 @@ class Host:
         # The manager runs from its own copy, as `make install` puts it in /usr/local/lib: the
         # checkout may be anywhere (a home folder, a path with a space).
         self.manager = os.path.join(base, "bin", "backend_ai_manager.py")
-        self.port = free_port()
+        self.port = port or free_port()
         self.service_port = free_port()
         self.env = {
             "BACKEND_AI_INSTALL_DIR": self.install_dir, "BACKEND_AI_STATE_DIR": self.state_dir,
-            "BACKEND_AI_PORT": str(self.port), "BACKEND_AI_NAS_URL": nas.url_template("hub"),
-            "BACKEND_AI_SETTLE": str(settle),
+            "BACKEND_AI_PORT": str(self.port), "BACKEND_AI_NAS_URL": nas.url_template(self.kind),
+            "BACKEND_AI_SETTLE": str(settle), "BACKEND_AI_BIND": address,
+            "BACKEND_AI_SERVICE": self.SERVICE,
         }
         self.env.update(env or {})
 
@@ -465,10 +475,10 @@ class Host:
         """Install `version` by hand, as an operator did before the manager: GNU tar extracts
         the NAS's tarball into the install dir (published first if the NAS lacks it), next to
         the operator's own config.json."""
-        if not os.path.exists(self.nas.tarball(version)):
+        if not os.path.exists(self.nas.tarball(version, self.kind)):
             self.publish(version)
         os.makedirs(self.install_dir)
-        trees.gnu_extract_into(self.nas.tarball(version), self.install_dir)
+        trees.gnu_extract_into(self.nas.tarball(version, self.kind), self.install_dir)
         with open(os.path.join(self.install_dir, "config.json"), "w") as f:
             json.dump({"greeting": greeting}, f)
 
@@ -476,15 +486,16 @@ class Host:
         """The whole install as the service sees it (install links followed), config included."""
         return trees.installed(self.install_dir, os.listdir(self.install_dir))
 
-    def assert_installed(self, version, kind="hub"):
+    def assert_installed(self, version):
         """What the service sees through the install dir is, byte for byte, GNU tar's extraction
         of the NAS's tarball of `version`: names, types, link targets, contents, execute bits."""
-        expected = self.nas.expected_tree(version, kind)
+        expected = self.nas.expected_tree(version, self.kind)
         trees.assert_same(expected, trees.installed(self.install_dir, expected),
                           f"{self.install_dir} (expected release {version})")
 
     def publish(self, version, **kwargs):
         """Publish release `version` of this host's service (Node hub or stand-in) on the NAS."""
+        kwargs.setdefault("kind", self.kind)
         if self.node:
             return self.nas.publish_node(self.node, version, **kwargs)
         crash, wrap = kwargs.pop("crash", False), kwargs.pop("wrap", None)
@@ -515,7 +526,7 @@ class Host:
         self.install_manager()
         service = self.service_unit()
         manager = []
-        for line in unit_text("ai-hub-manager.service").splitlines():
+        for line in unit_text(f"ai-{self.kind}-manager.service").splitlines():
             if line.startswith("ExecStart="):
                 line = f"ExecStart={self.python} {self.manager} serve"
             elif line.startswith("EnvironmentFile="):
@@ -591,7 +602,8 @@ class Host:
 
     def api(self, method, path, body=None, headers=None, timeout=30):
         """(status, JSON answer) of one request to this host's manager."""
-        status, _, payload = http_call(self.port, method, path, body, headers, timeout)
+        status, _, payload = http_call(self.port, method, path, body, headers, timeout,
+                                       host=self.address)
         return status, payload
 
     def wait_update(self, timeout=90):
@@ -672,3 +684,101 @@ class Lab:
             remove_lab_dir(self.work)
         elif self.work:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+# --- the manager in-process, with a stand-in for systemd (fast tests, no root) ---------------------
+
+class FakeSystemd:
+    """Records calls; answers like systemctl for a unit that starts and stops. A restart of an
+    install whose package.json names a version in `unhealthy` leaves the unit failed."""
+
+    def __init__(self, unit="ai-hub.service", install_dir=None):
+        self.unit = unit
+        self.install_dir = install_dir
+        self.unhealthy = set()
+        self.active = True
+        self.calls = []
+        self.fail = None
+
+    STATUS_MAX_AGE = 0
+
+    def show(self, max_age=0.0):
+        return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
+                "MainPID": "42" if self.active else "0", "NRestarts": "0", "LoadState": "loaded",
+                "ActiveEnterTimestamp": "Fri 2026-11-27 21:00:05 UTC"}
+
+    def status(self, max_age=0.0):
+        return bam.Systemd.status(self, max_age)
+
+    def control(self, action):
+        self.calls.append(action)
+        if self.fail:
+            raise self.fail
+        self.active = action != "stop" and self.installed() not in self.unhealthy
+
+    def installed(self):
+        try:
+            with open(os.path.join(self.install_dir, "package.json")) as f:
+                return json.load(f)["version"]
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def logs(self, lines, output="short-iso"):
+        return "\n".join(f"line {i}" for i in range(lines))
+
+
+class Running:
+    def __init__(self, tmp_path, **overrides):
+        install = tmp_path / "install"
+        install.mkdir()
+        (install / "package.json").write_text(json.dumps(
+            {"name": "@proxmox-ai-control/hub", "version": "2.0.10"}))
+        values = {"role": "hub", "install_dir": str(install), "state_dir": str(tmp_path / "state"),
+                  "settle": "0", "port": "1"}
+        values.update(overrides)
+        flags = {name: values.get(name) for name, *_ in bam.OPTIONS}
+        settings = bam.resolve_settings(flags, {})
+        settings = bam.Settings(dict(vars(settings), port=0))
+        self.systemd = FakeSystemd(install_dir=str(install))
+        releases = bam.Releases(settings.install_dir, settings.state_dir)
+        self.updater = bam.Updater(settings, self.systemd, releases)
+        self.updater.recover()
+        self.server = bam.Server(settings, bam.Api(settings, self.systemd, self.updater))
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, JSON answer, headers) of one request."""
+        status, headers, payload = http_call(self.port, method, path, body, headers, timeout=10)
+        return status, payload, headers
+
+    def wait_update(self, timeout):
+        """Wait (at most `timeout` s) until the update job is over; return its record."""
+        deadline = time.monotonic() + timeout
+        while self.updater.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.updater.view()
+
+    def raw(self, data, read_until_close=True):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

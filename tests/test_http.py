@@ -6,110 +6,13 @@ after a crash in each phase."""
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 
 import backend_ai_manager as bam
-from support import Nas, http_call, release_files
-
-
-class FakeSystemd:
-    """Records calls; answers like systemctl for a unit that starts and stops. A restart of an
-    install whose package.json names a version in `unhealthy` leaves the unit failed."""
-
-    def __init__(self, unit="ai-hub.service", install_dir=None):
-        self.unit = unit
-        self.install_dir = install_dir
-        self.unhealthy = set()
-        self.active = True
-        self.calls = []
-        self.fail = None
-
-    STATUS_MAX_AGE = 0
-
-    def show(self, max_age=0.0):
-        return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
-                "MainPID": "42" if self.active else "0", "NRestarts": "0", "LoadState": "loaded",
-                "ActiveEnterTimestamp": "Fri 2026-11-27 21:00:05 UTC"}
-
-    def status(self, max_age=0.0):
-        return bam.Systemd.status(self, max_age)
-
-    def control(self, action):
-        self.calls.append(action)
-        if self.fail:
-            raise self.fail
-        self.active = action != "stop" and self.installed() not in self.unhealthy
-
-    def installed(self):
-        try:
-            with open(os.path.join(self.install_dir, "package.json")) as f:
-                return json.load(f)["version"]
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def logs(self, lines, output="short-iso"):
-        return "\n".join(f"line {i}" for i in range(lines))
-
-
-class Running:
-    def __init__(self, tmp_path, **overrides):
-        install = tmp_path / "install"
-        install.mkdir()
-        (install / "package.json").write_text(json.dumps(
-            {"name": "@proxmox-ai-control/hub", "version": "2.0.10"}))
-        values = {"role": "hub", "install_dir": str(install), "state_dir": str(tmp_path / "state"),
-                  "settle": "0", "port": "1"}
-        values.update(overrides)
-        flags = {name: values.get(name) for name, *_ in bam.OPTIONS}
-        settings = bam.resolve_settings(flags, {})
-        settings = bam.Settings(dict(vars(settings), port=0))
-        self.systemd = FakeSystemd(install_dir=str(install))
-        releases = bam.Releases(settings.install_dir, settings.state_dir)
-        self.updater = bam.Updater(settings, self.systemd, releases)
-        self.updater.recover()
-        self.server = bam.Server(settings, bam.Api(settings, self.systemd, self.updater))
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def request(self, method, path, body=None, headers=None):
-        """(status, JSON answer, headers) of one request."""
-        status, headers, payload = http_call(self.port, method, path, body, headers, timeout=10)
-        return status, payload, headers
-
-    def wait_update(self, timeout):
-        """Wait (at most `timeout` s) until the update job is over; return its record."""
-        deadline = time.monotonic() + timeout
-        while self.updater.busy() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.updater.view()
-
-    def raw(self, data, read_until_close=True):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(data)
-            chunks = []
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except socket.timeout:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+from support import FakeSystemd, Nas, Running, release_files
 
 
 @pytest.fixture

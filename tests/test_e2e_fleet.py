@@ -1,0 +1,127 @@
+"""End to end: the hub's view of a real fleet. Five agent managers, each installed from
+systemd/ai-agent-manager.service into the systemd sandbox, each bound to port 3081 at its own
+address (127.0.1.1 to 127.0.1.5) and controlling its own unit running the real Node app, each
+requiring a bearer token; and a hub manager whose --agents list is a file. Runs the managers
+under Debian's /usr/bin/python3."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from support import Host, http_call
+
+PYTHON = "/usr/bin/python3"
+TOKEN = "fleet-token-0123456789abcdef"
+AGENTS = [f"127.0.1.{n}:3081" for n in range(1, 6)]
+
+
+@pytest.fixture(scope="module")
+def fleet(sandbox, nas, work_dir, node_hub):
+    base = os.path.join(work_dir, "fleet")
+    os.makedirs(base)
+    token = os.path.join(base, "token")
+    with open(token, "w") as f:
+        f.write(TOKEN + "\n")
+    agents = []
+    for n, agent in enumerate(AGENTS, 1):
+        host = Host(sandbox, os.path.join(base, f"agent{n}"), nas, python=PYTHON, settle=0.5,
+                    node=node_hub, role="agent", name=str(n), address=agent.split(":")[0],
+                    port=3081, env={"BACKEND_AI_TOKEN_FILE": token})
+        host.install_base("2.0.10")
+        agents.append(host)
+    listed = os.path.join(base, "agents")
+    with open(listed, "w") as f:
+        f.write("# the fleet\n" + "\n".join(AGENTS) + "\n")
+    hub = Host(sandbox, os.path.join(base, "hub"), nas, python=PYTHON, settle=0.5,
+               node=node_hub, env={"BACKEND_AI_AGENTS": f"@{listed}",
+                                   "BACKEND_AI_AGENT_TOKEN_FILE": token})
+    hub.install_base("2.0.10")
+    started = []
+    try:
+        for host in agents + [hub]:
+            host.start()
+            started.append(host)
+        yield hub, agents, listed
+    finally:
+        for host in started:
+            host.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def overview(hub):
+    started = time.monotonic()
+    status, body = hub.api("GET", "/agents")
+    assert status == 200, body
+    return body, time.monotonic() - started
+
+
+def test_the_hub_sees_every_agent(fleet):
+    hub, agents, _ = fleet
+    body, took = overview(hub)
+    assert [e["agent"] for e in body["agents"]] == AGENTS
+    for entry, host in zip(body["agents"], agents):
+        assert entry["reachable"] and entry["running"] is True and entry["error"] is None, entry
+        assert entry["active_state"] == "active" and entry["version"] == "2.0.10"
+        assert entry["update"]["state"] == "idle" and entry["rtt_ms"] < 2000
+        assert host.service_info()["version"] == "2.0.10"  # the agent's own service, really
+    assert body["summary"] == {"total": 5, "reachable": 5, "running": 5,
+                               "versions": {"2.0.10": 5}, "hub_version": "2.0.10", "skew": []}
+    print(f"\nGET /agents over {len(AGENTS)} real agents: {took * 1000:.0f} ms")
+
+
+def test_agents_require_the_token_the_hub_sends(fleet):
+    _, agents, _ = fleet
+    status, _, body = http_call(3081, "GET", "/status", host=agents[0].address)
+    assert status == 401, body
+    status, _, body = http_call(3081, "GET", "/status", host=agents[0].address,
+                                headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and body["version"] == "2.0.10"
+
+
+def test_an_updated_agent_shows_as_skew(fleet):
+    hub, agents, _ = fleet
+    agent = agents[2]
+    agent.publish("2.0.11")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert agent.api("POST", "/update", {"version": "2.0.11"}, headers=auth)[0] == 200
+    deadline = time.monotonic() + 60
+    while agent.api("GET", "/update", headers=auth)[1]["state"] not in (
+            "succeeded", "failed", "rolled_back") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent.api("GET", "/update", headers=auth)[1]["state"] == "succeeded"
+    agent.assert_installed("2.0.11")  # the agent release, byte for byte
+    body, _ = overview(hub)
+    assert body["summary"]["versions"] == {"2.0.10": 4, "2.0.11": 1}
+    assert body["summary"]["skew"] == [AGENTS[2]]
+    assert body["agents"][2]["update"] == {"state": "succeeded", "version": "2.0.11",
+                                           "error": None}
+
+
+def test_a_refusing_and_a_silent_agent_do_not_hold_the_answer(fleet):
+    hub, agents, listed = fleet
+    silent = socket.socket()
+    silent.bind(("127.0.1.6", 3081))
+    silent.listen(4)  # the kernel accepts; nobody ever answers
+    stop = threading.Event()
+    hub.sandbox.systemctl("stop", agents[4].MANAGER_UNIT)
+    try:
+        with open(listed, "a") as f:
+            f.write("127.0.1.6  # accepts, never answers\n")
+        body, took = overview(hub)
+        assert took < 5.5, f"GET /agents took {took:.2f} s with one agent silent"
+        by_agent = {e["agent"]: e for e in body["agents"]}
+        refused, quiet = by_agent[AGENTS[4]], by_agent["127.0.1.6:3081"]
+        assert not refused["reachable"] and "refused" in refused["error"], refused
+        assert not quiet["reachable"] and "no answer within 5 s" in quiet["error"], quiet
+        assert body["summary"]["total"] == 6 and body["summary"]["reachable"] == 4
+        print(f"\nGET /agents with one agent refusing and one silent: {took:.2f} s")
+    finally:
+        stop.set()
+        silent.close()
+        with open(listed, "w") as f:
+            f.write("\n".join(AGENTS) + "\n")
+        assert hub.sandbox.systemctl("start", agents[4].MANAGER_UNIT).returncode == 0
