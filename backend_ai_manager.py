@@ -1929,8 +1929,9 @@ class Updater:
         return self.job.working()
 
     # --- starting jobs (called by the API)
-    def start_update(self, version):
-        return self._start("update", version, None)
+    def start_update(self, version, then=None):
+        """Start an update; `then(state)` runs in the job's thread once it has ended."""
+        return self._start("update", version, None, then)
 
     def start_rollback(self):
         target = self.releases.previous_id()
@@ -1938,7 +1939,7 @@ class Updater:
             raise Busy("no previous release to roll back to")
         return self._start("rollback", self.releases.version_of(target), target)
 
-    def _start(self, action, version, target):
+    def _start(self, action, version, target, then=None):
         try:
             from_version = installed_version(self.settings)[0]
         except ManagerError:
@@ -1951,10 +1952,10 @@ class Updater:
         except OSError as e:
             raise ManagerError(f"cannot write the update record {self.job.path}: "
                                f"{e.strerror}") from None
-        threading.Thread(target=self._run, name=action, daemon=True).start()
+        threading.Thread(target=self._run, args=(then,), name=action, daemon=True).start()
         return self.view(summary=True)
 
-    def _run(self):
+    def _run(self, then=None):
         staging = None
         try:
             if self.job.get("action") == "update":
@@ -1974,6 +1975,8 @@ class Updater:
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
+        if then is not None:
+            then(self.job.state)
 
     # --- the phases
     def _fetch(self, version, staging):
@@ -2374,6 +2377,232 @@ def agents_overview(settings, hub_version):
         "skew": [e["agent"] for e in agents if e["version"] and e["version"] != hub_version]}}
 
 
+# --- the rollout: a release, batch by batch, to the agents -------------------------------------
+
+PENDING, ROLLING, INCOMPLETE, HALTED = "pending", "rolling", "incomplete", "halted"
+ROLLOUT_WORKING = (PENDING, ROLLING)
+# An agent's outcome. `waiting` and `updating` are on the way there.
+CURRENT, UNREACHABLE, LOST = "current", "unreachable", "lost"
+AGENT_FAILURES = (FAILED, ROLLED_BACK, LOST)  # counted against --rollout-max-failures
+AGENT_POLL = 0.5  # seconds between two GET /update of an agent mid-update
+
+
+def plan_batches(agents, batches):
+    """Split `agents` into batches: each spec a count or a percentage of all agents (at least
+    one agent), the last spec repeating until every agent has a batch. The first is the
+    canary."""
+    planned, left, index = [], list(agents), 0
+    while left:
+        size, percent = batches[min(index, len(batches) - 1)]
+        take = max(1, -(-size * len(agents) // 100)) if percent else size
+        planned.append(left[:take])
+        left = left[take:]
+        index += 1
+    return planned
+
+
+def call_agent(agent, method, path, token, body=None):
+    """One request to an agent's manager with the same deadlines as GET /agents; returns the
+    finished AgentCall."""
+    call = AgentCall(agent, method, path, body=body, token=token)
+    run_agent_calls([call], AGENT_CONNECT_TIMEOUT, AGENT_STATUS_DEADLINE)
+    return call
+
+
+class Rollout:
+    """Rolls one version out to the agents, batch by batch, canary first, at most
+    --rollout-parallel at once inside a batch, until done, halted (POST /update/halt, or more
+    failures than --rollout-max-failures) or the hub restarts, after which it goes on from its
+    record (STATE/rollout.json). An agent is marked `updating` durably before its POST is sent,
+    and an agent found `updating` after a restart is only polled: no agent gets two updates
+    for one rollout."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.job = JobRecord(os.path.join(settings.state_dir, "rollout.json"), ROLLOUT_WORKING)
+        self.halt_requested = threading.Event()
+
+    def running(self):
+        return self.job.working()
+
+    def view(self):
+        return self.job.view(("state", "version", "error", "counts", "step", "started_at",
+                              "finished_at", "agents"))
+
+    def begin(self, version, after_hub):
+        """Record a new rollout of `version` (pending until the hub's own update succeeded,
+        if after_hub); raises Busy if one is running, InvalidInput if there are no agents."""
+        agents = self.settings.agent_list()
+        if not agents:
+            raise InvalidInput("no agents are configured (--agents)")
+        entries = []
+        for number, batch in enumerate(plan_batches(agents, self.settings.rollout_batches), 1):
+            for agent in batch:
+                entries.append({"agent": agent, "batch": number, "state": "waiting",
+                                "from_version": None, "version": version, "step": None,
+                                "error": None, "started_at": None, "finished_at": None})
+        self.halt_requested.clear()
+        try:
+            self.job.begin({"action": "rollout", "state": PENDING, "version": version,
+                            "after_hub": after_hub, "halt": False, "agents": entries,
+                            "counts": {}})
+        except OSError as e:
+            raise ManagerError(f"cannot write the rollout record {self.job.path}: "
+                               f"{e.strerror}") from None
+
+    def start(self):
+        threading.Thread(target=self.run, name="rollout", daemon=True).start()
+
+    def after_hub(self, state):
+        """Called when the hub's own update ended: go on only if it succeeded."""
+        if state == SUCCEEDED:
+            self.run()
+        else:
+            self.job.set(HALTED, f"the hub's own update ended {state}; no agent was touched",
+                         logging.ERROR, error=f"the hub's update ended {state}")
+
+    def halt(self):
+        if not self.running():
+            raise Busy("no rollout is running")
+        self.halt_requested.set()
+        self.job.set(message="halt requested: agents mid-update finish, no new one starts",
+                     halt=True, durable=True)
+
+    def recover(self, hub_state, hub_version):
+        """At start: go on with a rollout the manager was running when it stopped."""
+        self.job.load()
+        if not self.running():
+            return
+        if self.job.get("halt"):
+            self.halt_requested.set()
+        if self.job.state == PENDING and self.job.get("after_hub"):
+            if hub_state in WORKING_STATES:
+                return  # the hub's job is being recovered; it decides (after_hub)
+            if hub_state != SUCCEEDED or hub_version != self.job.get("version"):
+                self.after_hub(hub_state if hub_state != SUCCEEDED else "on another version")
+                return
+        self.start()
+
+    # --- the work
+    def run(self):
+        entries = self.job.get("agents")
+        self.job.set(ROLLING, f"rolling version {self.job.get('version')} out to "
+                     f"{len(entries)} agents", durable=True)
+        for batch in sorted({e["batch"] for e in entries}):
+            if self._stop_reason():
+                break
+            todo = [e for e in entries if e["batch"] == batch and e["state"] in
+                    ("waiting", "updating")]
+            self.job.set(message=f"batch {batch}: {len(todo)} agents")
+            work = queue.SimpleQueue()
+            for entry in todo:
+                work.put(entry)
+            workers = [threading.Thread(target=self._worker, args=(work,), daemon=True)
+                       for _ in range(min(self.settings.rollout_parallel, len(todo)))]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        self._finish()
+
+    def _stop_reason(self):
+        failures = sum(self.job.get("counts", {}).get(s, 0) for s in AGENT_FAILURES)
+        if failures > self.settings.rollout_max_failures:
+            return f"{failures} agents failed (--rollout-max-failures " \
+                   f"{self.settings.rollout_max_failures})"
+        if self.halt_requested.is_set():
+            return "halted on request (POST /update/halt)"
+        return None
+
+    def _worker(self, work):
+        while True:
+            try:
+                entry = work.get_nowait()
+            except queue.Empty:
+                return
+            if entry["state"] == "waiting" and self._stop_reason():
+                continue  # no new agent starts; it stays waiting
+            try:
+                self._roll(entry)
+            except Exception as e:  # one agent's surprise must not stop the bookkeeping
+                log.exception("rollout to %s failed unexpectedly", entry["agent"])
+                self._mark(entry, LOST, f"internal error: {e}")
+
+    def _mark(self, entry, state, error=None, durable=False, **fields):
+        with self.job.lock:
+            entry.update(state=state, error=error, **fields)
+            if state not in ("waiting", "updating"):
+                entry["finished_at"] = utc_now()
+            counts = {}
+            for e in self.job.fields["agents"]:
+                counts[e["state"]] = counts.get(e["state"], 0) + 1
+        self.job.set(message=f"{entry['agent']}: {state}" + (f" ({error})" if error else ""),
+                     counts=counts, durable=durable)
+
+    def _roll(self, entry):
+        """One agent: current, unreachable, or its update sent once and followed to its end."""
+        agent, version = entry["agent"], self.job.get("version")
+        token = self.settings.agent_token()
+        if entry["state"] == "waiting":
+            status = call_agent(agent, "GET", "/status", token)
+            info = agent_status(status)
+            if info["error"] or not info["reachable"]:
+                return self._mark(entry, UNREACHABLE, info["error"])
+            if info["version"] == version:
+                return self._mark(entry, CURRENT, from_version=info["version"])
+            # Recorded durably before the POST: after a crash this agent is polled, not asked
+            # again.
+            self._mark(entry, "updating", started_at=utc_now(), step="sending the update",
+                       from_version=info["version"], durable=True)
+            post = call_agent(agent, "POST", "/update", token, body={"version": version})
+            if not post.answered:
+                return self._mark(entry, LOST, f"sending the update: {post.error}")
+            if post.status != 200 or not (post.payload or {}).get("success"):
+                return self._mark(entry, FAILED, f"the agent refused the update: HTTP "
+                                  f"{post.status}: {_text((post.payload or {}).get('error'))}")
+        self._follow(entry, version, token)
+
+    def _follow(self, entry, version, token):
+        """Poll the agent's GET /update until its job for `version` ends, or the timeout."""
+        started = time.monotonic()
+        last = "no answer yet"
+        while time.monotonic() - started < self.settings.rollout_agent_timeout:
+            call = call_agent(entry["agent"], "GET", "/update", token)
+            record = call.payload if call.status == 200 else None
+            if record is None:
+                last = call.error or f"HTTP {call.status}"
+            elif record.get("version") != version or record.get("action") != "update":
+                return self._mark(entry, LOST, "the agent's job is not this update (the hub "
+                                  "restarted before it knew the update was sent; not sent again)")
+            elif record.get("state") in FINAL_STATES:
+                state = record["state"]
+                return self._mark(entry, state, _text(record.get("error")),
+                                  step=_text(record.get("step")))
+            else:
+                last = f"{_text(record.get('state'), 20)}: {_text(record.get('step'), 200)}"
+                with self.job.lock:
+                    entry["step"] = last
+            time.sleep(AGENT_POLL)
+        self._mark(entry, LOST, f"no final state within {self.settings.rollout_agent_timeout:g} s"
+                                f" (last: {last})")
+
+    def _finish(self):
+        entries = self.job.get("agents")
+        reason = self._stop_reason()
+        if reason:
+            state, error = HALTED, reason
+        elif all(e["state"] in (SUCCEEDED, CURRENT) for e in entries):
+            state, error = SUCCEEDED, None
+        else:
+            state, error = INCOMPLETE, "some agents are not on the version: " + ", ".join(
+                f"{e['agent']} {e['state']}" for e in entries
+                if e["state"] not in (SUCCEEDED, CURRENT))
+        level = logging.INFO if state == SUCCEEDED else logging.WARNING
+        self.job.set(state, f"rollout {state}: {self.job.get('counts')}", level, error=error,
+                     durable=True)
+
+
+
 # ============================================================================================
 # HTTP API: a routing table; every answer is JSON; every error has one shape.
 # ============================================================================================
@@ -2426,10 +2655,12 @@ class Request:
 class Api:
     """The endpoints; each takes a Request and returns (status, dict)."""
 
-    def __init__(self, settings, systemd, updater):
+    def __init__(self, settings, systemd, updater, rollout=None):
         self.settings = settings
         self.systemd = systemd
         self.updater = updater
+        self.rollout = rollout  # a hub's
+        self.jobs_lock = threading.Lock()  # checking that no job runs and starting one: one step
         self.routes = {
             ("GET", "/status"): self.status,
             ("POST", "/start"): lambda r: self.control("start"),
@@ -2441,8 +2672,9 @@ class Api:
             ("GET", "/version"): self.version,
             ("GET", "/logs"): self.logs,
         }
-        if settings.role == "hub":
+        if rollout is not None:
             self.routes[("GET", "/agents")] = self.agents
+            self.routes[("POST", "/update/halt")] = self.halt
 
     def status(self, request):
         result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE)
@@ -2465,17 +2697,55 @@ class Api:
                      "changed": changed, "active_state": after}
 
     def update(self, request):
-        version = parse_version(request.json().get("version"))
-        record = self.updater.start_update(version)
+        body = request.json()
+        version = parse_version(body.get("version"))
+        target = body.get("target")
+        if target not in (None, "hub", "agents"):
+            raise InvalidInput(f"invalid target {target!r}: expected 'hub' or 'agents'")
+        if target == "agents" and self.rollout is None:
+            raise InvalidInput("target 'agents' is for a hub's manager")
+        with self.jobs_lock:
+            if self.rollout is not None and self.rollout.running():
+                raise Busy(f"a rollout of version {self.rollout.job.get('version')} to the "
+                           "agents is running (POST /update/halt stops it)")
+            if self.updater.busy():
+                raise Busy(f"an {self.updater.job.get('action')} to version "
+                           f"{self.updater.job.get('version')} is already running")
+            if target == "agents":
+                self.rollout.begin(version, after_hub=False)
+                self.rollout.start()
+                return 200, {"success": True, "message": f"Agents update to version {version} "
+                             "started", "update": self.rollout.view()}
+            then = None
+            if target is None and self.rollout is not None and self.settings.agents:
+                self.rollout.begin(version, after_hub=True)
+                then = self.rollout.after_hub
+            try:
+                record = self.updater.start_update(version, then=then)
+            except ManagerError as e:
+                if then:
+                    then(f"not started ({e.message})")
+                raise
         title = self.settings.title
         return 200, {"success": True, "message": f"{title} update to version {version} started",
                      "update": record}
 
     def update_progress(self, request):
-        return 200, self.updater.view()
+        record = self.updater.view()
+        if self.rollout is not None and self.rollout.job.state != IDLE:
+            record["agents"] = self.rollout.view()
+        return 200, record
+
+    def halt(self, request):
+        self.rollout.halt()
+        return 200, {"success": True, "message": "halt requested: agents mid-update finish "
+                     "their own update, no new agent starts", "update": self.rollout.view()}
 
     def rollback(self, request):
-        record = self.updater.start_rollback()
+        with self.jobs_lock:
+            if self.rollout is not None and self.rollout.running():
+                raise Busy("a rollout to the agents is running (POST /update/halt stops it)")
+            record = self.updater.start_rollback()
         return 200, {"success": True, "message": f"{self.settings.title} rollback to version "
                      f"{record['version']} started", "update": record}
 
@@ -3083,7 +3353,15 @@ def serve(settings):
                     f"ReadWritePaths={e.filename or settings.state_dir} in a drop-in)")
         log.error("cannot prepare %s: %s%s", settings.state_dir, e, hint)
         return 1
-    api = Api(settings, systemd, updater)
+    rollout = None
+    if settings.role == "hub":
+        rollout = Rollout(settings)
+        try:
+            hub_version = installed_version(settings)[0]
+        except ManagerError:
+            hub_version = None
+        rollout.recover(updater.job.state, hub_version)
+    api = Api(settings, systemd, updater, rollout)
     try:
         server = Server(settings, api, raise_file_limit(settings))
     except OSError as e:

@@ -743,7 +743,12 @@ class Running:
         releases = bam.Releases(settings.install_dir, settings.state_dir)
         self.updater = bam.Updater(settings, self.systemd, releases)
         self.updater.recover()
-        self.server = bam.Server(settings, bam.Api(settings, self.systemd, self.updater))
+        self.rollout = None
+        if settings.role == "hub":
+            self.rollout = bam.Rollout(settings)
+            self.rollout.recover(self.updater.job.state, self.systemd.installed())
+        self.server = bam.Server(settings, bam.Api(settings, self.systemd, self.updater,
+                                                   self.rollout))
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 

@@ -1,4 +1,4 @@
-"""End to end: the hub's view of a real fleet. Five agent managers, each installed from
+"""End to end: the hub's view of a real fleet, and rollouts to it. Five agent managers, each installed from
 systemd/ai-agent-manager.service into the systemd sandbox, each bound to port 3081 at its own
 address (127.0.1.1 to 127.0.1.5) and controlling its own unit running the real Node app, each
 requiring a bearer token; and a hub manager whose --agents list is a file. Runs the managers
@@ -38,7 +38,10 @@ def fleet(sandbox, nas, work_dir, node_hub):
         f.write("# the fleet\n" + "\n".join(AGENTS) + "\n")
     hub = Host(sandbox, os.path.join(base, "hub"), nas, python=PYTHON, settle=0.5,
                node=node_hub, env={"BACKEND_AI_AGENTS": f"@{listed}",
-                                   "BACKEND_AI_AGENT_TOKEN_FILE": token})
+                                   "BACKEND_AI_AGENT_TOKEN_FILE": token,
+                                   "BACKEND_AI_ROLLOUT_BATCHES": "1,2,100%",
+                                   "BACKEND_AI_ROLLOUT_PARALLEL": "2",
+                                   "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT": "120"})
     hub.install_base("2.0.10")
     started = []
     try:
@@ -125,3 +128,104 @@ def test_a_refusing_and_a_silent_agent_do_not_hold_the_answer(fleet):
         with open(listed, "w") as f:
             f.write("\n".join(AGENTS) + "\n")
         assert hub.sandbox.systemctl("start", agents[4].MANAGER_UNIT).returncode == 0
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def wait_rollout(hub, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            record = hub.api("GET", "/update", timeout=5)[1]
+        except OSError:  # the hub's manager is restarting
+            time.sleep(0.2)
+            continue
+        agents = record.get("agents") or {}
+        if record["state"] not in ("downloading", "verifying", "swapping", "restarting",
+                                   "checking") and agents.get("state") not in (
+                                       "pending", "rolling"):
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"rollout not over after {timeout} s: {record}")
+
+
+def versions(agents):
+    return [a.api("GET", "/version", headers=AUTH)[1]["version"] for a in agents]
+
+
+def test_the_hub_updates_itself_then_its_agents_canary_first(fleet):
+    hub, agents, _ = fleet
+    hub.publish("2.0.12")
+    for agent in agents[:1]:
+        agent.publish("2.0.12")  # one agent release serves them all (one NAS)
+    before = versions(agents)
+    status, body = hub.api("POST", "/update", {"version": "2.0.12"})
+    assert status == 200 and body["message"] == "Hub update to version 2.0.12 started"
+    record = wait_rollout(hub)
+    assert record["state"] == "succeeded", record
+    hub.assert_installed("2.0.12")
+    rollout = record["agents"]
+    assert rollout["state"] == "succeeded", rollout
+    entries = rollout["agents"]
+    assert [e["batch"] for e in entries] == [1, 2, 2, 3, 3]
+    assert [e["state"] for e in entries] == ["succeeded"] * 5
+    assert [e["from_version"] for e in entries] == before
+    canary = entries[0]
+    assert all(canary["finished_at"] <= e["started_at"] for e in entries[1:])  # alone, first
+    for agent in agents:
+        agent.assert_installed("2.0.12")  # each agent's tree, byte for byte
+        assert agent.service_info()["version"] == "2.0.12"
+    assert hub.service_info()["version"] == "2.0.12"
+
+
+def post_update_count(agent, cursor):
+    out = agent.sandbox.run(["journalctl", "-u", agent.MANAGER_UNIT, f"--after-cursor={cursor}",
+                             "-o", "cat", "--no-pager"]).stdout
+    return sum('"POST /update"' in line for line in out.splitlines())
+
+
+def journal_cursor(sandbox):
+    out = sandbox.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"]).stdout
+    return out.strip().rsplit("cursor: ", 1)[-1]
+
+
+def test_a_hub_killed_mid_rollout_goes_on_and_sends_each_agent_one_update(fleet):
+    hub, agents, _ = fleet
+    agents[0].publish("2.0.13")
+    cursor = journal_cursor(hub.sandbox)
+    assert hub.api("POST", "/update", {"version": "2.0.13", "target": "agents"})[0] == 200
+    deadline, mid_update = time.monotonic() + 60, None
+    while time.monotonic() < deadline and mid_update is None:  # kill it mid-update
+        rollout = hub.api("GET", "/update")[1]["agents"]
+        if rollout["agents"][0]["state"] == "succeeded" and any(
+                e["state"] == "updating" for e in rollout["agents"]):
+            mid_update = [e["agent"] for e in rollout["agents"] if e["state"] == "updating"]
+        time.sleep(0.02)
+    assert mid_update, "never saw agents mid-update after the canary"
+    pid = hub.manager_pid()
+    hub.sandbox.systemctl("kill", "-s", "KILL", hub.MANAGER_UNIT)
+    record = wait_rollout(hub)
+    assert hub.manager_pid() != pid, "the hub's manager was not killed"
+    rollout = record["agents"]
+    assert rollout["state"] == "succeeded", rollout
+    assert [e["state"] for e in rollout["agents"]] == ["succeeded"] * 5
+    assert [post_update_count(a, cursor) for a in agents] == [1] * 5
+    print(f"\nhub killed while {mid_update} were mid-update; each agent got one POST /update")
+    for agent in agents:
+        agent.assert_installed("2.0.13")
+
+
+def test_a_broken_release_stops_at_the_canary(fleet):
+    hub, agents, _ = fleet
+    agents[0].publish("2.0.14", crash=True)
+    assert hub.api("POST", "/update", {"version": "2.0.14", "target": "agents"})[0] == 200
+    rollout = wait_rollout(hub)["agents"]
+    assert rollout["state"] == "halted" and "1 agents failed" in rollout["error"], rollout
+    canary = rollout["agents"][0]
+    assert canary["state"] == "rolled_back" and canary["agent"] == AGENTS[0], canary
+    assert "ai-agent-1.service" in canary["error"], canary
+    assert [e["state"] for e in rollout["agents"][1:]] == ["waiting"] * 4
+    assert versions(agents) == ["2.0.13"] * 5  # the canary rolled itself back; the rest untouched
+    for agent in agents:
+        agent.assert_installed("2.0.13")

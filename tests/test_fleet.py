@@ -198,3 +198,244 @@ def test_agent_lists(text, agents):
 def test_bad_agent_lists_are_refused(text):
     with pytest.raises(ValueError):
         bam.parse_agents(text)
+
+
+# --- the rollout, against fake agent managers -------------------------------------------------
+
+class FakeManager(FakeAgent):
+    """An agent manager in miniature: GET /status, POST /update (counted), GET /update. An
+    update works `work` seconds, then ends as `outcome` says (succeeded moves the version);
+    outcome 'hang' never ends."""
+
+    def __init__(self, address, version="2.0.10", outcome="succeeded", work=0.3):
+        self.outcome, self.work, self.posts = outcome, work, []
+        self.job = {"action": None, "state": "idle", "version": None, "error": None}
+        super().__init__(address, "manager", version)
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(10)
+            try:
+                request = conn.recv(65536)
+            except OSError:
+                return
+            line = request.split(b"\r\n", 1)[0].decode()
+            body = request.partition(b"\r\n\r\n")[2]
+            if line.startswith("POST /update "):
+                version = json.loads(body)["version"]
+                self.posts.append(version)
+                self.job = {"action": "update", "state": "downloading", "version": version,
+                            "error": None, "step": "downloading"}
+                threading.Thread(target=self._work, args=(version,), daemon=True).start()
+                answer = {"success": True, "message": f"Agent update to version {version} "
+                          "started"}
+            elif line.startswith("GET /update "):
+                answer = dict(self.job)
+            else:
+                answer = {"running": True, "active_state": "active", "version": self.version,
+                          "update": dict(self.job)}
+            data = json.dumps(answer).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() +
+                         b"\r\n\r\n" + data)
+
+    def _work(self, version):
+        if self.stop.wait(self.work) or self.outcome == "hang":
+            return
+        if self.outcome == "succeeded":
+            self.version = version
+        self.job = dict(self.job, state=self.outcome, error=None if self.outcome == "succeeded"
+                        else f"the release {version} {self.outcome}")
+
+
+@pytest.fixture
+def rollout(tmp_path):
+    """make(outcomes, **settings) -> (hub, managers): fake managers on 127.0.3.N:3081."""
+    made = []
+
+    def make(outcomes, **settings):
+        managers = []
+        for n, outcome in enumerate(outcomes, 1):
+            managers.append(FakeManager(f"127.0.3.{n}", outcome=outcome) if outcome else None)
+        made.extend(m for m in managers if m)
+        agents = ",".join(f"127.0.3.{n}" for n in range(1, len(outcomes) + 1))
+        hub = Running(tmp_path / f"hub{len(made)}", agents=agents, **settings)
+        made.append(hub)
+        return hub, managers
+
+    for n in range(20):
+        (tmp_path / f"hub{n}").mkdir()
+    yield make
+    for thing in made:
+        thing.close()
+
+
+def roll(hub, version="2.0.11", timeout=60):
+    code, body, _ = hub.request("POST", "/update", {"version": version, "target": "agents"})
+    assert code == 200 and body["message"] == f"Agents update to version {version} started", body
+    deadline = time.monotonic() + timeout
+    while hub.rollout.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hub.request("GET", "/update")[1]["agents"]
+
+
+def test_a_rollout_goes_batch_by_batch_canary_first(rollout):
+    hub, managers = rollout(["succeeded"] * 6, rollout_batches="1,2,100%", rollout_parallel="2")
+    record = roll(hub)
+    assert record["state"] == "succeeded" and record["counts"] == {"succeeded": 6}, record
+    entries = record["agents"]
+    assert [e["batch"] for e in entries] == [1, 2, 2, 3, 3, 3]
+    assert all(e["from_version"] == "2.0.10" and e["error"] is None for e in entries)
+    for batch in (2, 3):  # each batch starts once the one before has ended, the canary alone
+        before = [e for e in entries if e["batch"] == batch - 1]
+        after = [e for e in entries if e["batch"] == batch]
+        assert max(e["finished_at"] for e in before) <= min(e["started_at"] for e in after)
+    assert [m.posts for m in managers] == [["2.0.11"]] * 6
+
+
+def test_a_failure_halts_the_rollout_and_a_resume_finishes_it(rollout):
+    hub, managers = rollout(["succeeded", "succeeded", "failed", "succeeded", "succeeded"],
+                            rollout_batches="1,2,100%", rollout_parallel="2")
+    record = roll(hub)
+    assert record["state"] == "halted" and "1 agents failed" in record["error"], record
+    states = [e["state"] for e in record["agents"]]
+    assert states == ["succeeded", "succeeded", "failed", "waiting", "waiting"]
+    assert "the release 2.0.11 failed" in record["agents"][2]["error"]
+    assert managers[3].posts == managers[4].posts == []  # the later batch was not touched
+    managers[2].outcome = "succeeded"  # the release is fixed; resume
+    record = roll(hub)
+    assert record["state"] == "succeeded", record
+    assert [e["state"] for e in record["agents"]] == ["current", "current", "succeeded",
+                                                      "succeeded", "succeeded"]
+    assert [len(m.posts) for m in managers] == [1, 1, 2, 1, 1]
+
+
+def test_the_failure_budget_counts_over_the_whole_rollout(rollout):
+    hub, managers = rollout(["succeeded", "rolled_back", "succeeded", "failed", "succeeded",
+                             "succeeded"], rollout_batches="1,1", rollout_parallel="1",
+                            rollout_max_failures="1")
+    record = roll(hub)
+    assert record["state"] == "halted", record
+    assert [e["state"] for e in record["agents"]] == ["succeeded", "rolled_back", "succeeded",
+                                                      "failed", "waiting", "waiting"]
+
+
+def test_unreachable_and_lost_agents(rollout):
+    hub, managers = rollout(["succeeded", None, "hang", "succeeded"], rollout_batches="100%",
+                            rollout_agent_timeout="2", rollout_max_failures="5")
+    started = time.monotonic()
+    record = roll(hub)
+    assert time.monotonic() - started < 10
+    states = {e["agent"]: (e["state"], e["error"]) for e in record["agents"]}
+    assert states["127.0.3.2:3081"][0] == "unreachable"  # nothing was sent
+    assert states["127.0.3.3:3081"][0] == "lost" and "within 2 s" in states["127.0.3.3:3081"][1]
+    assert record["state"] == "incomplete" and record["counts"] == {
+        "succeeded": 2, "unreachable": 1, "lost": 1}, record
+
+
+def test_halt_lets_running_agents_finish_and_starts_no_new_one(rollout):
+    hub, managers = rollout(["succeeded"] * 4, rollout_batches="2,100%", rollout_parallel="2")
+    for manager in managers:
+        manager.work = 1.5
+    code, body, _ = hub.request("POST", "/update", {"version": "2.0.11", "target": "agents"})
+    assert code == 200
+    deadline = time.monotonic() + 5
+    while not all(m.posts for m in managers[:2]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, body, _ = hub.request("POST", "/update/halt")
+    assert code == 200, body
+    record = roll_until_done(hub)
+    assert record["state"] == "halted" and "halted on request" in record["error"], record
+    assert [e["state"] for e in record["agents"]] == ["succeeded", "succeeded", "waiting",
+                                                      "waiting"]
+    assert managers[2].posts == managers[3].posts == []
+    assert hub.request("POST", "/update/halt")[0] == 409  # nothing running now
+
+
+def roll_until_done(hub, timeout=30):
+    deadline = time.monotonic() + timeout
+    while hub.rollout.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hub.request("GET", "/update")[1]["agents"]
+
+
+def test_a_restarted_hub_polls_an_agent_it_had_sent_the_update_to(rollout, tmp_path):
+    hub, managers = rollout(["succeeded", "succeeded"], rollout_batches="100%")
+    managers[0].job = {"action": "update", "state": "succeeded", "version": "2.0.11",
+                       "error": None}
+    managers[0].version = "2.0.11"
+    settings = hub.updater.settings
+    hub.close()
+    record = {"action": "rollout", "state": "rolling", "version": "2.0.11", "after_hub": False,
+              "halt": False, "counts": {}, "error": None, "log": [], "agents": [
+                  {"agent": "127.0.3.1:3081", "batch": 1, "state": "updating",
+                   "from_version": "2.0.10", "version": "2.0.11", "step": None, "error": None,
+                   "started_at": "2026-11-29T12:00:00Z", "finished_at": None},
+                  {"agent": "127.0.3.2:3081", "batch": 1, "state": "waiting",
+                   "from_version": None, "version": "2.0.11", "step": None, "error": None,
+                   "started_at": None, "finished_at": None}]}
+    with open(os.path.join(settings.state_dir, "rollout.json"), "w") as f:
+        json.dump(record, f)
+    rolled = bam.Rollout(settings)  # a restarted hub: a new manager on the same record
+    rolled.recover(bam.IDLE, "2.0.10")
+    deadline = time.monotonic() + 20
+    while rolled.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = rolled.view()
+    assert after["state"] == "succeeded", after
+    assert [e["state"] for e in after["agents"]] == ["succeeded", "succeeded"]
+    assert managers[0].posts == [] and managers[1].posts == ["2.0.11"]  # polled, never re-sent
+
+
+def test_bad_agents_do_not_break_the_bookkeeping(rollout, tmp_path):
+    hub, managers = rollout(["succeeded"], rollout_batches="100%", rollout_max_failures="5")
+    bad = [FakeAgent("127.0.3.2", "garbage"), FakeAgent("127.0.3.3", "endless"),
+           FakeAgent("127.0.3.4", "error")]
+    try:
+        hub.close()
+        (tmp_path / "bad").mkdir()
+        again = Running(tmp_path / "bad", agents="127.0.3.1,127.0.3.2,127.0.3.3,127.0.3.4",
+                        rollout_batches="100%", rollout_max_failures="5")
+        record = roll(again)
+        again.close()
+        states = [(e["state"], e["error"]) for e in record["agents"]]
+        assert states[0] == ("succeeded", None)
+        assert [s for s, _ in states[1:]] == ["unreachable"] * 3, states
+        assert "not JSON" in states[1][1] and "65536" in states[2][1] and "HTTP 500" in states[3][1]
+        assert record["state"] == "incomplete" and sum(record["counts"].values()) == 4
+    finally:
+        for agent in bad:
+            agent.close()
+
+
+def test_while_a_rollout_runs_updates_are_refused_and_control_is_not(rollout):
+    hub, managers = rollout(["succeeded"], rollout_batches="100%")
+    managers[0].work = 1.5
+    assert hub.request("POST", "/update", {"version": "2.0.11", "target": "agents"})[0] == 200
+    assert hub.request("POST", "/update", {"version": "2.0.12"})[0] == 409
+    assert hub.request("POST", "/rollback")[0] == 409
+    assert hub.request("POST", "/restart")[0] == 200  # the hub's own service
+    assert hub.request("POST", "/update", {"version": "2.0.11", "target": "x"})[0] == 400
+    roll_until_done(hub)
+
+
+def test_the_hub_updates_itself_first_and_the_agents_only_if_it_succeeded(rollout, tmp_path):
+    from support import Nas, release_files
+    with Nas(str(tmp_path / "nas")) as nas:
+        nas.publish("2.0.11", release_files("2.0.11"))
+        hub, managers = rollout(["succeeded", "succeeded"], rollout_batches="100%",
+                                nas_url=nas.url_template())
+        code, body, _ = hub.request("POST", "/update", {"version": "2.0.11"})
+        assert code == 200 and body["message"] == "Hub update to version 2.0.11 started"
+        record = roll_until_done(hub)
+        assert hub.updater.view()["state"] == "succeeded"
+        assert record["state"] == "succeeded" and [m.posts for m in managers] == [["2.0.11"]] * 2
+        hub.systemd.unhealthy = {"2.0.12"}  # the hub's own release is bad: no agent touched
+        nas.publish("2.0.12", release_files("2.0.12"))
+        assert hub.request("POST", "/update", {"version": "2.0.12"})[0] == 200
+        deadline = time.monotonic() + 30
+        while (hub.updater.busy() or hub.rollout.running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.updater.view()["state"] == "rolled_back"
+        record = hub.request("GET", "/update")[1]["agents"]
+        assert record["state"] == "halted" and "hub's update ended rolled_back" in record["error"]
+        assert [m.posts for m in managers] == [["2.0.11"]] * 2
