@@ -229,3 +229,32 @@ def test_a_broken_release_stops_at_the_canary(fleet):
     assert versions(agents) == ["2.0.13"] * 5  # the canary rolled itself back; the rest untouched
     for agent in agents:
         agent.assert_installed("2.0.13")
+    # The release is fixed (published again) and the rollout resumed with target agents.
+    agents[0].publish("2.0.14")
+    assert hub.api("POST", "/update", {"version": "2.0.14", "target": "agents"})[0] == 200
+    rollout = wait_rollout(hub)["agents"]
+    assert rollout["state"] == "succeeded", rollout
+    for agent in agents:
+        agent.assert_installed("2.0.14")
+
+
+def test_a_hub_killed_during_its_own_update_touches_no_agent(fleet):
+    hub, agents, _ = fleet
+    hub.publish("2.0.15")
+    agents[0].publish("2.0.15")
+    cursor = journal_cursor(hub.sandbox)
+    assert hub.api("POST", "/update", {"version": "2.0.15"})[0] == 200
+    deadline, seen = time.monotonic() + 30, None
+    while time.monotonic() < deadline and seen is None:
+        record = hub.api("GET", "/update")[1]
+        if record["state"] in ("downloading", "verifying", "swapping") and \
+                record["agents"]["state"] == "pending":
+            seen = record["state"]
+        time.sleep(0.01)
+    assert seen, "never saw the hub's own update running with the rollout pending"
+    hub.sandbox.systemctl("kill", "-s", "KILL", hub.MANAGER_UNIT)
+    record = wait_rollout(hub)
+    assert record["state"] in ("failed", "rolled_back") and "manager stopped" in record["error"]
+    assert record["agents"]["state"] == "halted", record["agents"]
+    assert [post_update_count(a, cursor) for a in agents] == [0] * 5
+    print(f"\nhub killed during its own update ({seen}): rollout halted, no agent touched")

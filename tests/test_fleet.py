@@ -239,6 +239,9 @@ class FakeManager(FakeAgent):
                          b"\r\n\r\n" + data)
 
     def _work(self, version):
+        if self.outcome == "die":  # the agent's manager goes away mid-update
+            self.close()
+            return
         if self.stop.wait(self.work) or self.outcome == "hang":
             return
         if self.outcome == "succeeded":
@@ -320,7 +323,7 @@ def test_the_failure_budget_counts_over_the_whole_rollout(rollout):
 
 
 def test_unreachable_and_lost_agents(rollout):
-    hub, managers = rollout(["succeeded", None, "hang", "succeeded"], rollout_batches="100%",
+    hub, managers = rollout(["succeeded", None, "hang", "die"], rollout_batches="100%",
                             rollout_agent_timeout="2", rollout_max_failures="5")
     started = time.monotonic()
     record = roll(hub)
@@ -328,8 +331,10 @@ def test_unreachable_and_lost_agents(rollout):
     states = {e["agent"]: (e["state"], e["error"]) for e in record["agents"]}
     assert states["127.0.3.2:3081"][0] == "unreachable"  # nothing was sent
     assert states["127.0.3.3:3081"][0] == "lost" and "within 2 s" in states["127.0.3.3:3081"][1]
+    died = states["127.0.3.4:3081"]  # stopped answering after its update began
+    assert died[0] == "lost" and "within 2 s" in died[1] and "refused" in died[1], died
     assert record["state"] == "incomplete" and record["counts"] == {
-        "succeeded": 2, "unreachable": 1, "lost": 1}, record
+        "succeeded": 1, "unreachable": 1, "lost": 2}, record
 
 
 def test_halt_lets_running_agents_finish_and_starts_no_new_one(rollout):
