@@ -80,11 +80,12 @@ def check_tree(host, version):
     diff = trees.differences(expected, trees.installed(host.install_dir, expected))
     kinds = [entry[0] for entry in expected.values()]
     if diff:
-        print(f"  {RED}installed tree differs from hub-{version}.tar.gz:{RESET}")
+        print(f"  {RED}installed tree differs from {host.kind}-{version}.tar.gz:{RESET}")
         for line in diff:
             print(f"    {line}")
         return False
-    print(f"  installed tree = GNU tar's extraction of hub-{version}.tar.gz, byte for byte: "
+    print(f"  {host.address}: installed tree = GNU tar's extraction of {host.kind}-{version}.tar.gz,"
+          " byte for byte: "
           f"{kinds.count('file')} files, {kinds.count('link')} links, {kinds.count('dir')} "
           "folders (names, contents, link targets, execute bits)")
     return True
@@ -173,8 +174,59 @@ def walk_through(lab):
             not check_tree(host, "2.0.10"):
         return 1
 
+    if fleet(lab, host, prepared) != 0:
+        return 1
     say("Done: every endpoint answered against a real systemd")
     return 0
+
+
+def fleet(lab, hub, prepared):
+    """A hub with two agents: GET /agents, then an update the hub rolls out to them."""
+    say("Two agent hosts: ai-agent-manager.service on 127.0.4.1:3081 and 127.0.4.2:3081, "
+        "each controlling its own ai-agent service at 2.0.10")
+    agents = []
+    for n in (1, 2):
+        agent = lab.host(f"agent{n}", settle=1, node=prepared, role="agent", name=str(n),
+                         address=f"127.0.4.{n}", port=3081)
+        agent.install_base("2.0.10")
+        agent.start()
+        agents.append(agent)
+    agent_list = ",".join(f"{a.address}:3081" for a in agents)
+    hub.restart_manager(BACKEND_AI_AGENTS=agent_list, BACKEND_AI_ROLLOUT_BATCHES="1,100%")
+    print(f"  the hub's manager restarted with BACKEND_AI_AGENTS={agent_list} "
+          "BACKEND_AI_ROLLOUT_BATCHES=1,100% (the first agent is the canary)")
+    answer = show(hub, "GET", "/agents", quiet_keys=("agents",))
+    for entry in answer["agents"]:
+        print(f"    {entry['agent']:<15} reachable={entry['reachable']} running={entry['running']}"
+              f" version={entry['version']} rtt={entry['rtt_ms']} ms")
+
+    say("Update to 2.0.11 on the hub: the hub first, then its agents, batch by batch")
+    agents[0].publish("2.0.11")
+    show(hub, "POST", "/update", {"version": "2.0.11"}, quiet_keys=("update",))
+    seen = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        _, record = hub.api("GET", "/update")
+        rollout = record.get("agents") or {}
+        for entry in rollout.get("agents", []):
+            key = (entry["agent"], entry["state"])
+            if key not in seen and entry["state"] != "waiting":
+                seen.add(key)
+                print(f"  {entry['agent']:<15} batch {entry['batch']}: {entry['state']}"
+                      + (f" ({entry['error']})" if entry["error"] else ""))
+        if record["state"] in ("succeeded", "failed", "rolled_back") and \
+                rollout.get("state") not in ("pending", "rolling"):
+            break
+        time.sleep(0.1)
+    print(f"  hub: {record['state']}; rollout: {rollout.get('state')} {rollout.get('counts')}")
+    if record["state"] != "succeeded" or rollout.get("state") != "succeeded":
+        print(f"{RED}the rollout did not succeed: {rollout.get('error')}{RESET}")
+        return 1
+    for node in [hub] + agents:
+        if node.service_info()["version"] != "2.0.11" or not check_tree(node, "2.0.11"):
+            return 1
+    answer = show(hub, "GET", "/agents", quiet_keys=("agents",))
+    return 0 if answer["summary"]["versions"] == {"2.0.11": 2} else 1
 
 
 if __name__ == "__main__":

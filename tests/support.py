@@ -668,8 +668,8 @@ class Lab:
             raise
         return self
 
-    def host(self, name="host", **kwargs):
-        host = Host(self.sandbox, os.path.join(self.work, name), self.nas, **kwargs)
+    def host(self, folder="host", **kwargs):
+        host = Host(self.sandbox, os.path.join(self.work, folder), self.nas, **kwargs)
         self.hosts.append(host)
         return host
 
