@@ -44,6 +44,7 @@ lint:
 bench:
 	$(PYTHON) bench/bench_update.py
 	$(PYTHON) bench/bench_status.py
+	$(PYTHON) bench/bench_fleet.py
 
 clean:
 	rm -rf .pytest_cache tests/__pycache__ __pycache__

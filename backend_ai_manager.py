@@ -2384,7 +2384,13 @@ ROLLOUT_WORKING = (PENDING, ROLLING)
 # An agent's outcome. `waiting` and `updating` are on the way there.
 CURRENT, UNREACHABLE, LOST = "current", "unreachable", "lost"
 AGENT_FAILURES = (FAILED, ROLLED_BACK, LOST)  # counted against --rollout-max-failures
-AGENT_POLL = 0.5  # seconds between two GET /update of an agent mid-update
+
+
+def agent_poll_interval(elapsed):
+    """Seconds until the next GET /update of an agent whose update began `elapsed` seconds
+    ago: often at first (an update of a small release takes about a second), then less and
+    less, so that a long update costs its agent few requests."""
+    return 0.1 if elapsed < 2 else 0.25 if elapsed < 10 else 1.0
 
 
 def plan_batches(agents, batches):
@@ -2582,7 +2588,7 @@ class Rollout:
                 last = f"{_text(record.get('state'), 20)}: {_text(record.get('step'), 200)}"
                 with self.job.lock:
                     entry["step"] = last
-            time.sleep(AGENT_POLL)
+            time.sleep(agent_poll_interval(time.monotonic() - started))
         self._mark(entry, LOST, f"no final state within {self.settings.rollout_agent_timeout:g} s"
                                 f" (last: {last})")
 
