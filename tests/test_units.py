@@ -149,7 +149,11 @@ def test_command_runner_kills_the_whole_group_on_timeout(tmp_path):
     import time
     pidfile = tmp_path / "grandchild.pid"
     script = f"/bin/sh -c 'echo $$ > {pidfile}; exec sleep 30' & sleep 30"
+    started = time.monotonic()
     result = bam.run_command(["/bin/sh", "-c", script], timeout=1.0)
+    # A grandchild left alive holds the output pipe: the call would return only when it exits
+    # (30 s). The bound is the command's own deadline, far from that.
+    assert time.monotonic() - started < 10, "run_command waited for the grandchild"
     assert result.timed_out and not result.ok and "timed out" in result.message()
     pid = int(pidfile.read_text())
     deadline = time.monotonic() + 5
