@@ -2481,12 +2481,12 @@ class Rollout:
             return
         if self.job.get("halt"):
             self.halt_requested.set()
-        if self.job.state == PENDING and self.job.get("after_hub"):
-            if hub_state in WORKING_STATES:
-                return  # the hub's job is being recovered; it decides (after_hub)
-            if hub_state != SUCCEEDED or hub_version != self.job.get("version"):
-                self.after_hub(hub_state if hub_state != SUCCEEDED else "on another version")
-                return
+        # Waiting for the hub's own update, which recovery has just ended: go on only if it
+        # succeeded and the hub runs the version.
+        if self.job.state == PENDING and self.job.get("after_hub") and (
+                hub_state != SUCCEEDED or hub_version != self.job.get("version")):
+            self.after_hub(hub_state if hub_state != SUCCEEDED else "on another version")
+            return
         self.start()
 
     # --- the work
