@@ -2069,8 +2069,8 @@ class Updater:
     def _succeed(self):
         """The commit point (saved durably), then the clean-up: the release a rollback left is
         deleted (so the next rollback goes further back), and old releases beyond
-        --keep-backups. A crash during the clean-up leaves only extra releases: the next start
-        deletes any newer than `current`, the next success prunes the rest."""
+        --keep-backups. A crash during the clean-up leaves only extra releases, which the next
+        start deletes (recover())."""
         releases = self.releases
         left = self.job.get("fallback")
         self.job.set(SUCCEEDED, f"version {self.job.get('version')} is running", error=None,
@@ -2155,7 +2155,8 @@ class Updater:
     # --- start-up recovery
     def recover(self):
         """Finish what a crash interrupted: clean staging and half-made links, then finish the
-        job by RECOVERY, and delete releases newer than `current` that no finished job made."""
+        job by RECOVERY, and do the clean-up a job may not have finished: delete releases newer
+        than `current`, and those beyond --keep-backups."""
         self.releases.prepare()
         self.job.load()
         self.releases.recover()
@@ -2164,6 +2165,7 @@ class Updater:
                 self._finish_interrupted(f"the manager stopped during '{self.job.state}'")
         finally:
             self.releases.discard_newer()
+            self.releases.prune(self.settings.keep_backups)
 
     def _finish_interrupted(self, why):
         """End a job that stopped in the middle of its phase, as RECOVERY says for it."""

@@ -377,3 +377,21 @@ def test_recovery_after_a_crash_in_each_phase(fleet_host, phase):
         assert json.load(f)["version"] == "2.0.11"
     expected_calls = ["restart"] if AFTER_A_CRASH_IN[phase] == "rolled_back" else []
     assert restarted.systemd.calls == expected_calls
+
+
+def test_a_start_deletes_releases_a_crash_left_beyond_keep_backups(tmp_path):
+    """A manager killed after `succeeded` was saved but before its clean-up leaves one release
+    too many; the next start deletes it."""
+    with Nas(str(tmp_path / "nas")) as nas, \
+            Running(tmp_path, nas_url=nas.url_template(), keep_backups="1") as running:
+        for version in ("2.0.11", "2.0.12"):
+            nas.publish(version, release_files(version))
+            assert update(running, {"version": version})["state"] == "succeeded"
+        releases = running.updater.releases
+        kept = releases.ids()
+        assert [r.split("-", 1)[1] for r in kept] == ["2.0.11", "2.0.12"]
+    shutil.copytree(releases.path(kept[0]), releases.path("000000-2.0.9"), symlinks=True)
+    updater = bam.Updater(running.updater.settings, FakeSystemd(), bam.Releases(
+        releases.install_dir, releases.state_dir))
+    updater.recover()
+    assert updater.releases.ids() == kept
