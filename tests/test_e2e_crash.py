@@ -164,8 +164,9 @@ def test_kill_at_random_instants(crash_host):
         outcomes[record["state"]] = outcomes.get(record["state"], 0) + 1
     print(f"\nrandom kills: {trials} trials over {duration:.2f} s updates; killed while "
           f"{phases}; ended {outcomes}")
-    # The kills must have landed both before the switch (the record ends failed) and after it
-    # (rolled back, or succeeded when the job was done): otherwise they tested one phase only.
-    assert len(phases) >= 3, phases
+    # The kills must have landed in more than one phase, both before the switch (the record
+    # ends failed) and after it (rolled back, or succeeded when the job was done). The short
+    # phases (verifying, swapping, restarting) are covered by the named failpoints above.
+    assert len(phases) >= 2, phases
     assert outcomes.get("failed", 0) and outcomes.get("rolled_back", 0) + outcomes.get(
         "succeeded", 0), outcomes
