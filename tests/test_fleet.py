@@ -45,40 +45,43 @@ class FakeAgent:
             except OSError:
                 return
             self.requests.append(request)
-            if self.behaviour == "silent":
-                self.stop.wait(30)
-                return
-            if self.behaviour == "trickle":
-                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
-                    if self.stop.wait(0.5):
-                        return
-                    conn.sendall(bytes([byte]))
-                return
-            if self.behaviour == "endless":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
-                try:
-                    while not self.stop.is_set():
-                        conn.sendall(b"x" * 65536)
-                except OSError:
+            self.respond(conn, request)
+
+    def respond(self, conn, request):
+        if self.behaviour == "silent":
+            self.stop.wait(30)
+            return
+        if self.behaviour == "trickle":
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                if self.stop.wait(0.5):
                     return
+                conn.sendall(bytes([byte]))
+            return
+        if self.behaviour == "endless":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            try:
+                while not self.stop.is_set():
+                    conn.sendall(b"x" * 65536)
+            except OSError:
                 return
-            if self.behaviour == "garbage":
-                body = b"<html>hello</html>"
-                status = b"200 OK"
-            elif self.behaviour == "error":
-                body = json.dumps({"success": False, "error": "systemctl timed out"}).encode()
-                status = b"500 Internal Server Error"
-            elif self.token and f"Bearer {self.token}".encode() not in request:
-                body = json.dumps({"success": False, "error": "missing or wrong bearer token"})
-                body, status = body.encode(), b"401 Unauthorized"
-            else:
-                body = json.dumps({"running": True, "active_state": "active",
-                                   "version": self.version,
-                                   "update": {"state": "idle", "version": None, "error": None,
-                                              "log": ["not copied"]}}).encode()
-                status = b"200 OK"
-            conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return
+        if self.behaviour == "garbage":
+            body = b"<html>hello</html>"
+            status = b"200 OK"
+        elif self.behaviour == "error":
+            body = json.dumps({"success": False, "error": "systemctl timed out"}).encode()
+            status = b"500 Internal Server Error"
+        elif self.token and f"Bearer {self.token}".encode() not in request:
+            body = json.dumps({"success": False, "error": "missing or wrong bearer token"})
+            body, status = body.encode(), b"401 Unauthorized"
+        else:
+            body = json.dumps({"running": True, "active_state": "active",
+                               "version": self.version,
+                               "update": {"state": "idle", "version": None, "error": None,
+                                          "log": ["not copied"]}}).encode()
+            status = b"200 OK"
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
     def close(self):
         self.stop.set()
@@ -212,31 +215,25 @@ class FakeManager(FakeAgent):
         self.job = {"action": None, "state": "idle", "version": None, "error": None}
         super().__init__(address, "manager", version)
 
-    def _answer(self, conn):
-        with conn:
-            conn.settimeout(10)
-            try:
-                request = conn.recv(65536)
-            except OSError:
-                return
-            line = request.split(b"\r\n", 1)[0].decode()
-            body = request.partition(b"\r\n\r\n")[2]
-            if line.startswith("POST /update "):
-                version = json.loads(body)["version"]
-                self.posts.append(version)
-                self.job = {"action": "update", "state": "downloading", "version": version,
-                            "error": None, "step": "downloading"}
-                threading.Thread(target=self._work, args=(version,), daemon=True).start()
-                answer = {"success": True, "message": f"Agent update to version {version} "
-                          "started"}
-            elif line.startswith("GET /update "):
-                answer = dict(self.job)
-            else:
-                answer = {"running": True, "active_state": "active", "version": self.version,
-                          "update": dict(self.job)}
-            data = json.dumps(answer).encode()
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() +
-                         b"\r\n\r\n" + data)
+    def respond(self, conn, request):
+        line = request.split(b"\r\n", 1)[0].decode()
+        body = request.partition(b"\r\n\r\n")[2]
+        if line.startswith("POST /update "):
+            version = json.loads(body)["version"]
+            self.posts.append(version)
+            self.job = {"action": "update", "state": "downloading", "version": version,
+                        "error": None, "step": "downloading"}
+            threading.Thread(target=self._work, args=(version,), daemon=True).start()
+            answer = {"success": True, "message": f"Agent update to version {version} "
+                      "started"}
+        elif line.startswith("GET /update "):
+            answer = dict(self.job)
+        else:
+            answer = {"running": True, "active_state": "active", "version": self.version,
+                      "update": dict(self.job)}
+        data = json.dumps(answer).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() +
+                     b"\r\n\r\n" + data)
 
     def _work(self, version):
         if self.outcome == "die":  # the agent's manager goes away mid-update
