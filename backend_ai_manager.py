@@ -265,19 +265,23 @@ def parse_agents(text):
     return agents
 
 
-def _agents(text):
-    """An agent list, or @FILE with one agent a line (read again at each use)."""
+def read_agents(text):
+    """The agents of an --agents value: a list, or @FILE with one agent a line (read now).
+    Raises ValueError saying what is wrong."""
     if text.startswith("@"):
         path = text[1:]
         if not path.startswith("/"):
             raise ValueError("expected @/absolute/path")
         try:
-            with open(path, encoding="utf-8") as f:  # checked now; read afresh at each use
-                parse_agents(f.read(1 << 20))
+            with open(path, encoding="utf-8") as f:
+                text = f.read(1 << 20)
         except OSError as e:
             raise ValueError(f"cannot read {path}: {e.strerror}") from None
-        return text
-    parse_agents(text)
+    return parse_agents(text)
+
+
+def _agents(text):
+    read_agents(text)  # checked at start; an @FILE is read again at each use
     return text
 
 
@@ -375,13 +379,9 @@ class Settings:
     def agent_list(self):
         """The agents, read afresh (an @FILE list changes without a restart); raises
         ConfigError if it cannot be read or parsed now."""
-        text = self.agents
         try:
-            if text.startswith("@"):
-                with open(text[1:], encoding="utf-8") as f:
-                    text = f.read(1 << 20)
-            return parse_agents(text)
-        except (OSError, ValueError) as e:
+            return read_agents(self.agents)
+        except ValueError as e:
             raise ConfigError(f"cannot read the agent list {self.agents!r}: {e}") from None
 
 
@@ -1211,11 +1211,10 @@ class Extractor:
         self.pool.submit(os.path.join(self.dest, path), None, 0o755, after=parent, done=ready)
         return ready
 
-    def _count(self, path, size, data):
+    def _count(self, data):
+        """Count bytes really written against the total limit. (A member's bytes cannot
+        exceed its header's size, which _write checks against the per-file limit first.)"""
         self.written += len(data)
-        if size > self.max_file:
-            raise ReleaseError(f"archive member {path!r} is over the limit of "
-                               f"{self.max_file} bytes for one file")
         if self.written > self.max_bytes:
             raise ReleaseError(f"release unpacks to more than {self.max_bytes} bytes")
 
@@ -1228,7 +1227,7 @@ class Extractor:
                                f"{self.max_file} bytes for one file")
         if member.size <= self.SMALL:
             data = source.read_all()
-            self._count(path, len(data), data)
+            self._count(data)
             self.pool.submit(target, data, mode, after=folder)
         else:
             folder.wait()
@@ -1242,7 +1241,7 @@ class Extractor:
                     if not data:
                         break
                     size += len(data)
-                    self._count(path, size, data)
+                    self._count(data)
                     _write_all(fd, data)
             finally:
                 os.close(fd)
@@ -1454,8 +1453,8 @@ class Flusher:
     happened after it was opened, so a descriptor opened for the last sync alone could miss an
     error that an earlier flush had already collected. Between start() and stop() a thread
     flushes every INTERVAL seconds, so the data goes to disk as it comes and the sync that must
-    precede the switch has little left to do. Where syncfs is missing there is no thread (sync(2) is system-wide)
-    and finish() calls sync(), which reports nothing."""
+    precede the switch has little left to do. Where syncfs is missing there is no thread
+    (sync(2) is system-wide) and finish() calls sync(), which reports nothing."""
 
     INTERVAL = 0.05
 
