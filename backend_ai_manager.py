@@ -13,10 +13,6 @@ import argparse
 import errno
 import functools
 import hashlib
-import hmac
-import http.client
-import http.server
-import io
 import ipaddress
 import json
 import logging
@@ -31,13 +27,14 @@ import socket
 import stat
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
+from _operator import _compare_digest as compare_digest  # hmac's, without importing hmac
+
+# Not imported here, to keep the idle daemon small (each is imported where first needed):
+# ssl (an https:// release or health URL), ctypes (the atomic exchange), resource. No
+# http.server, http.client, email or urllib: the HTTP server and client below are our own.
 
 __version__ = "0.1.0"
 
@@ -126,6 +123,7 @@ COMMON_DEFAULTS = {
     "keep_backups": "3",
     "settle": "5",
     "require_checksum": "no",
+    "log_requests": "no",
     "health_url": "",
     "token_file": "",
     "allow": "",
@@ -211,9 +209,10 @@ def _bind(text):
 def _http_url(text, allow_empty=False):
     if allow_empty and text == "":
         return ""
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("expected an http:// or https:// URL")
+    try:
+        split_url(text.replace("{version}", "0"))
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL") from None
     return text
 
 
@@ -329,6 +328,8 @@ OPTIONS = [
     ("token_file", "--token-file", "BACKEND_AI_TOKEN_FILE", _token_file,
      "require 'Authorization: Bearer <token>'"),
     ("allow", "--allow", "BACKEND_AI_ALLOW", _networks, "clients outside these CIDRs get 403"),
+    ("log_requests", "--log-requests", "BACKEND_AI_LOG_REQUESTS", _bool,
+     "log every request (by default only those that change something, fail or are refused)"),
     ("download_timeout", "--download-timeout", "BACKEND_AI_DOWNLOAD_TIMEOUT", _seconds(86400),
      "total deadline of a release download"),
     ("max_download_mb", "--max-download-mb", "BACKEND_AI_MAX_DOWNLOAD_MB", _int_in(1, 1 << 20),
@@ -388,8 +389,29 @@ class Settings:
 def _read_token(path):
     if not path:
         return None
+    return read_cached(path, _token_text)
+
+
+def _token_text(path):
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
+
+
+_file_cache = {}
+
+
+def read_cached(path, parse):
+    """parse(path), parsed again only when the file's (mtime, inode, size) changed: one stat()
+    per use, so a hand edit or a swapped release is seen at once, without reading the file on
+    every request."""
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_ino, st.st_size, st.st_dev)
+    hit = _file_cache.get((path, parse))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = parse(path)
+    _file_cache[(path, parse)] = (key, value)
+    return value
 
 
 def resolve_settings(flags, environ):
@@ -448,13 +470,16 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines())
 
 
-def setup_logging():
+def setup_logging(log_requests=False):
     handler = logging.StreamHandler(sys.stderr)
     # systemd sets JOURNAL_STREAM when stderr goes to the journal (systemd.exec(5)).
     handler.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    # successful GETs and HEADs are DEBUG lines of this child logger (see log_answer)
+    logging.getLogger("backend-ai-manager.requests").setLevel(
+        logging.DEBUG if log_requests else logging.INFO)
 
 
 def sd_notify(message):
@@ -623,6 +648,12 @@ class Systemd:
             raise flight.error
         return dict(flight.result)
 
+    def fresh(self, max_age):
+        """True if show(max_age) would answer from the cache, without waiting."""
+        cached = self._cached
+        return bool(cached and cached[1] == self._generation
+                    and time.monotonic() - cached[0] <= max_age)
+
     def status(self, max_age=0.0):
         props = self.show(max_age)
         restarts = props.get("NRestarts", "")
@@ -672,7 +703,7 @@ CHUNK = 256 << 10  # the pieces the download, gunzip and extraction hand on
 
 class Download:
     """A streamed HTTP body: counts and hashes every byte, enforces a size limit and a total
-    deadline (urllib's timeout is per socket operation), reports progress."""
+    deadline (the socket's timeout is per operation), reports progress."""
 
     def __init__(self, response, limit, deadline, progress):
         self.response = response
@@ -682,7 +713,7 @@ class Download:
         self.sha256 = hashlib.sha256()
         self.count = 0
         self.aborted = False
-        length = response.headers.get("Content-Length")
+        length = response.headers.get("content-length")
         self.total = int(length) if length and length.isdigit() else None
         if self.total is not None and self.total > limit:
             raise ReleaseError(f"release is {self.total} bytes, over the limit of {limit} bytes")
@@ -691,8 +722,8 @@ class Download:
         """Make a read blocked on the network (in the prefetch thread) return now, and any later
         read fail, so nothing of this download reaches the record afterwards."""
         self.aborted = True
-        sock = getattr(getattr(self.response.fp, "raw", None), "_sock", None)
         try:
+            sock = getattr(self.response, "sock", None)
             if sock is not None:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -706,8 +737,9 @@ class Download:
         try:
             # read1: at most one recv, so the deadline is checked however slowly bytes arrive
             data = self.response.read1(min(size or CHUNK, CHUNK))
-        except (OSError, http.client.HTTPException) as e:
-            raise ReleaseError(f"download failed after {self.count} bytes: {e}") from None
+        except (OSError, HttpClientError) as e:
+            reason = e.message if isinstance(e, HttpClientError) else e
+            raise ReleaseError(f"download failed after {self.count} bytes: {reason}") from None
         if self.aborted:
             raise ReleaseError("download stopped")
         self.count += len(data)
@@ -968,6 +1000,41 @@ MAX_EXTENDED_TOTAL = 16 << 20   # all of them in one archive
 _OCTAL = re.compile(rb"[0-7]*").fullmatch
 
 
+# Tar member types (POSIX ustar, pax and GNU), as the header's type byte.
+REGTYPE, AREGTYPE, LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE, CONTTYPE = (
+    b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7")
+XHDTYPE, XGLTYPE, SOLARIS_XHDTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK, GNUTYPE_SPARSE = (
+    b"x", b"g", b"X", b"L", b"K", b"S")
+DATA_TYPES = (REGTYPE, AREGTYPE, CONTTYPE, GNUTYPE_SPARSE)  # members followed by their data
+
+
+class TarMember:
+    """One member of a tar stream, as TarReader yields it (the fields tarfile.TarInfo has)."""
+
+    __slots__ = ("name", "linkname", "size", "mode", "type")
+
+    def __init__(self, name, linkname, size, mode, kind):
+        self.name, self.linkname, self.size, self.mode, self.type = name, linkname, size, mode, kind
+
+    def isdir(self):
+        return self.type == DIRTYPE
+
+    def isreg(self):
+        return self.type in (REGTYPE, AREGTYPE)
+
+    def issym(self):
+        return self.type == SYMTYPE
+
+    def islnk(self):
+        return self.type == LNKTYPE
+
+    def isdev(self):
+        return self.type in (CHRTYPE, BLKTYPE)
+
+    def isfifo(self):
+        return self.type == FIFOTYPE
+
+
 def _tar_number(field):
     """A numeric header field: octal text, or base-256 when the top bit is set (GNU)."""
     if field[0] & 0x80:
@@ -986,7 +1053,7 @@ def _tar_text(field):
 class TarReader:
     """A lean, strict reader of a tar stream (ustar, pax and GNU long names), in place of
     tarfile's stream mode, which costs three times as much per member and takes any damaged
-    or cut-short header for the end of the archive. Yields tarfile.TarInfo objects; the data
+    or cut-short header for the end of the archive. Yields TarMember objects; the data
     of the member just yielded is read with extractfile(member).read(n). Pax and long-name
     blocks are bounded (they are read whole)."""
 
@@ -1056,18 +1123,17 @@ class TarReader:
             size = _tar_number(block[124:136])
             if size < 0:
                 raise ReleaseError("release archive is damaged: a negative size")
-            if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                        tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if kind in (XHDTYPE, XGLTYPE, SOLARIS_XHDTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
                 self._extended += size
                 if size > MAX_EXTENDED_HEADER or self._extended > MAX_EXTENDED_TOTAL:
                     raise ReleaseError(f"release archive has an extended header of {size} "
                                        "bytes (or too many of them)")
                 data = self._exact(-(-size // 512) * 512)[:size]
-                if kind == tarfile.GNUTYPE_LONGNAME:
+                if kind == GNUTYPE_LONGNAME:
                     long_name = _tar_text(data)
-                elif kind == tarfile.GNUTYPE_LONGLINK:
+                elif kind == GNUTYPE_LONGLINK:
                     long_link = _tar_text(data)
-                elif kind != tarfile.XGLTYPE:  # global pax headers change nothing we use
+                elif kind != XGLTYPE:  # global pax headers change nothing we use
                     pax = self._pax(data)
                 continue
             name = _tar_text(block[0:100])
@@ -1075,15 +1141,14 @@ class TarReader:
             # ("ustar  \0") keep the access and change times there.
             if block[257:263] == b"ustar\0" and block[345] != 0:
                 name = _tar_text(block[345:500]) + "/" + name
-            info = tarfile.TarInfo(pax.get("path", long_name or name))
-            info.linkname = pax.get("linkpath", long_link or _tar_text(block[157:257]))
-            info.size = int(pax["size"]) if "size" in pax else size
-            info.mode = _tar_number(block[100:108])
-            info.type = kind
-            if kind == tarfile.AREGTYPE and info.name.endswith("/"):
-                info.type = tarfile.DIRTYPE  # old tar's way to mark a folder
+            name = pax.get("path", long_name or name)
+            kind = DIRTYPE if kind == AREGTYPE and name.endswith("/") else kind  # old tars
+            info = TarMember(name,
+                             pax.get("linkpath", long_link or _tar_text(block[157:257])),
+                             int(pax["size"]) if "size" in pax else size,
+                             _tar_number(block[100:108]), kind)
             pax, long_name, long_link = {}, None, None
-            if info.type in tarfile.REGULAR_TYPES:
+            if kind in DATA_TYPES:
                 self._left = info.size
                 self._padding = -info.size % 512
             yield info
@@ -1173,7 +1238,7 @@ class Extractor:
         self._check_parents(path, member.isdir())
         if member.isdir():
             self._mkdirs(path)
-        elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):  # not CONTTYPE or sparse
+        elif member.isreg():  # not CONTTYPE or sparse
             self._write(archive, member, path, self._mkdirs(posixpath.dirname(path)))
         elif member.issym():
             self._mkdirs(posixpath.dirname(path))
@@ -1182,7 +1247,7 @@ class Extractor:
             self._mkdirs(posixpath.dirname(path))
             self._hardlink(path, member.linkname)
         else:
-            kind = "device" if member.ischr() or member.isblk() else (
+            kind = "device" if member.isdev() else (
                 "FIFO" if member.isfifo() else "special")
             raise ReleaseError(f"archive member {path!r} is a {kind} file; only files, "
                                "directories and links are allowed")
@@ -1353,8 +1418,12 @@ def read_package_json(path):
 
 def installed_version(settings):
     """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
+    path = os.path.join(settings.install_dir, "package.json")
     try:
-        return read_package_json(os.path.join(settings.install_dir, "package.json"))
+        try:
+            return read_cached(path, read_package_json)
+        except OSError:
+            return read_package_json(path)  # raises, saying what is wrong
     except ReleaseError as e:
         raise ManagerError(f"cannot read the installed version: {e}") from None
 
@@ -1367,41 +1436,210 @@ def parse_checksum(text):
     return match.group(1).lower()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib follows https->http redirects and forwards headers to other hosts; the NAS is a
-    # plain file server, so a redirect is an error here.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise ReleaseError(f"the NAS answered {code} redirect to {newurl}; redirects are not followed")
+class HttpClientError(ReleaseError):
+    """A GET that got no usable answer: no connection, a timeout, a malformed answer."""
 
 
-@functools.lru_cache(maxsize=None)
-def url_opener(follow_redirects=False):
-    """urllib's opener without proxies from the environment, built once per kind (building one
-    makes an HTTPS context, which loads the CA certificates every time)."""
-    handlers = [urllib.request.ProxyHandler({})]
-    if not follow_redirects:
-        handlers.append(_NoRedirect())
-    return urllib.request.build_opener(*handlers)
+def split_url(url):
+    """(scheme, host, port, path-and-query) of an http:// or https:// URL; ValueError if it is
+    not one. The host may be a name, an IPv4 address or a bracketed IPv6 address."""
+    match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s]+)(?::([0-9]{1,5}))?"
+                         r"([/?][^#\s]*)?(#\S*)?", url)
+    if not match:
+        raise ValueError(f"not an http:// or https:// URL: {url!r}")
+    scheme, host, port, path = match.group(1), match.group(2), match.group(3), match.group(4)
+    port = int(port) if port else (443 if scheme == "https" else 80)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {url!r}")
+    if not path:
+        path = "/"
+    elif path.startswith("?"):
+        path = "/" + path
+    return scheme, host.strip("[]"), port, path
+
+
+class HttpResponse:
+    """The answer to http_get(): `status`, `reason`, `headers` (lower-case name -> value) and
+    the body, de-chunked and bounded by Content-Length, through read1() (at most one recv) and
+    read(). A body cut short ends early: callers that care compare with Content-Length."""
+
+    def __init__(self, sock, buffered):
+        self.sock = sock
+        self._buf = buffered
+        self._eof = False
+        head = self._head()
+        lines = head.decode("latin-1").split("\r\n")
+        match = re.fullmatch(r"HTTP/1\.[01] ([0-9]{3})(?: (.*))?", lines[0])
+        if not match:
+            raise HttpClientError(f"malformed answer: {lines[0][:80]!r}")
+        self.status, self.reason = int(match.group(1)), (match.group(2) or "").strip()
+        self.headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                self.headers.setdefault(name.strip().lower(), value.strip())
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length", "")
+        self._chunked = chunked
+        self._left = None if chunked or not length.isdigit() else int(length)
+        self._chunk_left = 0
+
+    def _recv(self):
+        data = self.sock.recv(CHUNK)
+        if not data:
+            self._eof = True
+        return data
+
+    def _head(self):
+        while b"\r\n\r\n" not in self._buf:
+            if len(self._buf) > 65536:
+                raise HttpClientError("malformed answer: a head over 64 KiB")
+            data = self._recv()
+            if not data:
+                raise HttpClientError("the server closed the connection without an answer")
+            self._buf += data
+        head, _, self._buf = self._buf.partition(b"\r\n\r\n")
+        return head
+
+    def _raw(self, size):
+        """Up to `size` bytes of the connection, buffered ones first (at most one recv)."""
+        if not self._buf and not self._eof:
+            self._buf = self._recv()
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def _line(self):
+        while b"\r\n" not in self._buf:
+            if len(self._buf) > 4096 or self._eof:
+                raise HttpClientError("malformed chunked answer")
+            self._buf += self._recv()
+        line, _, self._buf = self._buf.partition(b"\r\n")
+        return line
+
+    def read1(self, size=CHUNK):
+        """Up to `size` bytes of the body (at most one recv); b"" at its end."""
+        try:
+            if self._chunked:
+                if self._chunk_left is None:  # the last chunk was read
+                    return b""
+                if self._chunk_left == 0:
+                    size_line = self._line().split(b";")[0].strip()
+                    if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_line):
+                        raise HttpClientError("malformed chunked answer")
+                    self._chunk_left = int(size_line, 16)
+                    if self._chunk_left == 0:
+                        self._chunk_left = None
+                        return b""
+                data = self._raw(min(size, self._chunk_left))
+                if not data:
+                    return b""
+                self._chunk_left -= len(data)
+                if self._chunk_left == 0:
+                    self._line()  # the CRLF after the chunk
+                return data
+            if self._left is not None:
+                if self._left <= 0:
+                    return b""
+                size = min(size, self._left)
+            data = self._raw(size)
+            if self._left is not None:
+                self._left -= len(data)
+            return data
+        except socket.timeout:
+            raise HttpClientError("timed out waiting for the server") from None
+
+    def read(self, size=-1):
+        """Up to `size` bytes (all if negative), through as many reads as that takes."""
+        parts, got = [], 0
+        while size < 0 or got < size:
+            data = self.read1(CHUNK if size < 0 else min(CHUNK, size - got))
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def http_get(url, timeout, headers=None):
+    """GET `url` over HTTP/1.1 (https:// through ssl, imported only then), without proxies,
+    without following redirects; `timeout` per socket operation. Returns the HttpResponse, whatever
+    its status; raises HttpClientError if there is no answer."""
+    scheme, host, port, path = split_url(url)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
+    try:
+        if scheme == "https":
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        netloc = f"[{host}]" if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            netloc += f":{port}"
+        lines = [f"GET {path} HTTP/1.1", f"Host: {netloc}",
+                 f"User-Agent: backend-ai-manager/{__version__}", "Accept-Encoding: identity",
+                 "Connection: close"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return HttpResponse(sock, b"")
+    except HttpClientError:
+        sock.close()
+        raise
+    except (OSError, ValueError) as e:
+        sock.close()
+        reason = "timed out" if isinstance(e, socket.timeout) else (
+            getattr(e, "strerror", None) or str(e))
+        raise HttpClientError(f"no answer from {host}:{port}: {reason}") from None
+
+
+def health_check(url, timeout, redirects=5):
+    """The HTTP status of GET `url`, following up to `redirects` redirects (a health URL may
+    point at a login page or a trailing slash)."""
+    for _ in range(redirects + 1):
+        with http_get(url, timeout) as response:
+            location = response.headers.get("location", "")
+            if response.status not in (301, 302, 303, 307, 308) or not location:
+                return response.status
+        if location.startswith("/"):
+            scheme, host, port, _ = split_url(url)
+            host = f"[{host}]" if ":" in host else host
+            location = f"{scheme}://{host}:{port}{location}"
+        try:
+            split_url(location)
+        except ValueError:
+            raise HttpClientError(f"redirect to {location[:200]!r}, not an http(s) URL") from None
+        url = location
+    raise HttpClientError(f"more than {redirects} redirects")
 
 
 def open_url(url, timeout):
-    """GET url without proxies from the environment or redirects. Returns the response or raises
-    ReleaseError; an HTTP 404 raises NoSuchRelease."""
+    """GET a file of the NAS; returns the 200 response or raises ReleaseError (NoSuchRelease for
+    HTTP 404). A redirect is an error: the NAS is a plain file server."""
     try:
-        response = url_opener().open(urllib.request.Request(url, headers={"User-Agent":
-                               f"backend-ai-manager/{__version__}"}), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 404:
-            raise NoSuchRelease(f"the NAS has no file {url} (HTTP 404)") from None
-        raise ReleaseError(f"the NAS answered HTTP {e.code} {e.reason} for {url}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)
-        raise ReleaseError(f"cannot download {url}: {reason}") from None
-    if response.status != 200:
-        response.close()
-        raise ReleaseError(f"the NAS answered HTTP {response.status} for {url}")
-    return response
+        response = http_get(url, timeout)
+    except HttpClientError as e:
+        raise ReleaseError(f"cannot download {url}: {e.message}") from None
+    if response.status == 200:
+        return response
+    response.close()
+    if response.status == 404:
+        raise NoSuchRelease(f"the NAS has no file {url} (HTTP 404)")
+    if 300 <= response.status < 400:
+        raise ReleaseError(f"the NAS answered {response.status} redirect to "
+                           f"{response.headers.get('location', '?')}; redirects are not "
+                           "followed")
+    raise ReleaseError(f"the NAS answered HTTP {response.status} {response.reason} for {url}")
 
 
 # ============================================================================================
@@ -2109,14 +2347,12 @@ class Updater:
         error = None
         while time.monotonic() < deadline:
             try:
-                with url_opener(follow_redirects=True).open(url, timeout=5) as response:
-                    if 200 <= response.status < 300:
-                        return
-                    error = f"HTTP {response.status}"
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-            except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
-                error = str(getattr(e, "reason", e))
+                status = health_check(url, timeout=5)
+                if 200 <= status < 300:
+                    return
+                error = f"HTTP {status}"
+            except HttpClientError as e:
+                error = e.message
             time.sleep(0.5)
         raise Unhealthy(f"health URL {url} did not answer 2xx within {within:g} s: {error}")
 
@@ -2211,6 +2447,7 @@ class AgentCall:
         self.answered = False
         self.sock = None
         self.received = bytearray()
+        self.limit = MAX_AGENT_ANSWER  # bytes the answer may have, head included
         head = [f"{method} {path} HTTP/1.1", f"Host: {agent}",
                 f"User-Agent: backend-ai-manager/{__version__}", "Accept: application/json",
                 "Connection: close"]
@@ -2309,8 +2546,8 @@ def run_agent_calls(calls, connect_timeout, deadline):
                         call.received += data
                         call.answered = call.answered or bool(
                             re.match(rb"HTTP/1\.[01] [0-9]{3} ", call.received))
-                        if len(call.received) > MAX_AGENT_ANSWER:
-                            raise ValueError(f"answer over {MAX_AGENT_ANSWER} bytes")
+                        if len(call.received) > call.limit:
+                            raise ValueError(f"answer over {call.limit} bytes")
                         continue
                     selector.unregister(call.sock)
                     call.finish()
@@ -2340,7 +2577,7 @@ def _text(value, limit=500):
 def agent_status(call):
     """GET /agents' entry for one agent's GET /status call, every field checked."""
     entry = {"agent": call.agent, "reachable": call.answered, "running": None,
-             "active_state": None, "version": None, "update": None, "rtt_ms": call.rtt_ms,
+             "active_state": None, "since": None, "version": None, "update": None, "rtt_ms": call.rtt_ms,
              "error": call.error}
     if call.status is None:
         return entry
@@ -2354,7 +2591,7 @@ def agent_status(call):
         entry["error"] = "malformed answer: no 'running' true/false or no valid 'version'"
         return entry
     entry.update(running=running, version=version, active_state=_text(
-        payload.get("active_state"), 64))
+        payload.get("active_state"), 64), since=_text(payload.get("since"), 40))
     update = payload.get("update")
     if isinstance(update, dict):
         entry["update"] = {key: _text(update.get(key)) for key in ("state", "version", "error")}
@@ -2605,7 +2842,8 @@ class Rollout:
                 f"{e['agent']} {e['state']}" for e in entries
                 if e["state"] not in (SUCCEEDED, CURRENT))
         level = logging.INFO if state == SUCCEEDED else logging.WARNING
-        self.job.set(state, f"rollout {state}: {self.job.get('counts')}", level, error=error,
+        counts = ", ".join(f"{n} {s}" for s, n in sorted((self.job.get("counts") or {}).items()))
+        self.job.set(state, f"rollout {state}: {counts or 'no agent'}", level, error=error,
                      durable=True)
 
 
@@ -2643,22 +2881,6 @@ def error_answer(error):
     return status, {"success": False, "error": message}, headers
 
 
-class Request:
-    """What an endpoint gets: the query (parse_qs) and the body."""
-
-    def __init__(self, query, body):
-        self.query, self.body = query, body
-
-    def json(self):
-        try:
-            data = json.loads(self.body.decode("utf-8") if self.body else "")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("request body must be a JSON object")
-        return data
-
-
 class Api:
     """The endpoints; each takes a Request and returns (status, dict)."""
 
@@ -2682,6 +2904,52 @@ class Api:
         if rollout is not None:
             self.routes[("GET", "/agents")] = self.agents
             self.routes[("POST", "/update/halt")] = self.halt
+        self.methods = {}  # path -> the methods it answers (HEAD wherever GET)
+        for method, path in self.routes:
+            self.methods.setdefault(path, set()).update(
+                ("GET", "HEAD") if method == "GET" else (method,))
+        self.methods = {path: sorted(m) for path, m in self.methods.items()}
+
+    def instant(self, request):
+        """True if the answer to `request` needs no waiting (no systemctl or journalctl call,
+        no job to start): the server's connection thread then answers it itself."""
+        path = request.path
+        if request.method not in ("GET", "HEAD"):
+            return False
+        if path == "/status":
+            return self.systemd.fresh(self.systemd.STATUS_MAX_AGE)
+        return path in ("/update", "/version")
+
+    def respond(self, request, error=None):
+        """The whole answer to a parsed request (or to the error its parsing raised)."""
+        headers = {}
+        try:
+            if error is not None:
+                raise error
+            self._access(request)
+            methods = self.methods.get(request.path)
+            if not methods:
+                raise HttpError(404, f"no such endpoint: {request.path[:200]}")
+            if request.method not in methods:
+                raise HttpError(405, f"{request.method[:20]} is not allowed on "
+                                f"{request.path}; use {', '.join(methods)}",
+                                {"Allow": ", ".join(methods)})
+            method = "GET" if request.method == "HEAD" else request.method
+            status, payload = self.routes[(method, request.path)](request)
+        except Exception as e:
+            if not isinstance(e, ManagerError):
+                log.exception("%s %s failed", request.method, (request.target or "")[:200])
+            status, payload, headers = error_answer(e)
+        return render_answer(request, status, payload, headers)
+
+    def _access(self, request):
+        # The allow list was checked when the connection was accepted (Server._accept).
+        token = self.settings.token()
+        if token:
+            given = request.header("authorization")
+            if not compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise HttpError(401, "missing or wrong bearer token",
+                                {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
 
     def status(self, request):
         result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE)
@@ -2734,8 +3002,11 @@ class Api:
                     then(f"not started ({e.message})")
                 raise
         title = self.settings.title
-        return 200, {"success": True, "message": f"{title} update to version {version} started",
-                     "update": record}
+        answer = {"success": True, "message": f"{title} update to version {version} started",
+                  "update": record}
+        if then:  # the rollout to the agents follows the hub's own update
+            answer["agents"] = self.rollout.view()
+        return 200, answer
 
     def update_progress(self, request):
         record = self.updater.view()
@@ -2768,7 +3039,7 @@ class Api:
         return 200, {"version": version, "name": name}
 
     def logs(self, request):
-        values = request.query.get("lines", ["50"])
+        values = request.query_values("lines") or ["50"]
         if len(values) != 1 or not re.fullmatch(r"[0-9]{1,5}", values[0]) \
                 or not 1 <= int(values[0]) <= 10000:
             raise InvalidInput(f"invalid lines {values!r}: expected one whole number from 1 to "
@@ -2778,171 +3049,173 @@ class Api:
                      "logs": self.systemd.logs(lines)}
 
 
-class _SocketWriter:
-    """The handler's wfile: collects the response and sends it with one sendall() on flush.
-    Headers and body written separately would meet Nagle's algorithm and the client's delayed
-    ACK on a keep-alive connection (tens of milliseconds per answer). The socket has a timeout,
-    so a client that does not read its answer holds a worker at most that long."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.parts = []
-
-    def write(self, data):
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def flush(self):
-        if self.parts:
-            data, self.parts = b"".join(self.parts), []
-            self.sock.sendall(data)
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
+requests_log = logging.getLogger("backend-ai-manager.requests")
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Routing, body rules, access control and the one JSON error shape."""
+class HttpRequest:
+    """One request as the server read it. `close`: the connection ends after the answer
+    (HTTP/1.0 without keep-alive, `Connection: close`, or a body that could not be framed)."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = f"backend-ai-manager/{__version__}"
-    sys_version = ""
-    # http.server answers an unparsable request line as HTTP/0.9: a bare body, no status line.
-    # Every answer here has a status line.
-    default_request_version = "HTTP/1.0"
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "close",
+                 "client", "started")
 
-    def __init__(self, raw, sock, client_address, server, must_close=False):
-        self.raw = raw
-        self.must_close = must_close  # the server closes after this answer, whatever it says
-        super().__init__(sock, client_address, server)
+    def __init__(self, client, started):
+        self.client, self.started = client, started
+        self.method = self.target = self.path = self.version = None
+        self.query, self.headers, self.body, self.close = "", {}, b"", True
 
-    def setup(self):
-        # The Server has already read the whole request; this handler answers exactly one.
-        self.started = time.monotonic()
-        self.connection = self.request
-        self.rfile = io.BytesIO(self.raw)
-        self.wfile = _SocketWriter(self.connection)
-        self.command = self.path = self.headers = None
+    def header(self, name, default=""):
+        values = self.headers.get(name)
+        return values[0] if values else default
 
-    def handle(self):
-        self.close_connection = True
-        self.handle_one_request()
-
-    def finish(self):
-        self.wfile.flush()
-
-    def __getattr__(self, name):
-        # Every method token reaches the router, so an unknown method is a 404 or 405 with
-        # `Allow`, never http.server's 501.
-        if name.startswith("do_"):
-            return lambda: self._dispatch(name[3:])
-        raise AttributeError(name)
-
-    def _dispatch(self, method):
-        api = self.server.api
-        headers = {}
+    def json(self):
         try:
-            parts = urllib.parse.urlsplit(self.path)
-            body = self._body()  # first: a body that cannot be framed closes the connection
-            self._access(api.settings)
-            methods = {m for (m, p) in api.routes if p == parts.path}
-            if "GET" in methods:
-                methods.add("HEAD")  # answered like GET, without the body
-            methods = sorted(methods)
-            if not methods:
-                raise HttpError(404, f"no such endpoint: {parts.path}")
-            if method not in methods:
-                raise HttpError(405, f"{method[:20]} is not allowed on {parts.path}; use "
-                                f"{', '.join(methods)}", {"Allow": ", ".join(methods)})
-            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-            status, payload = api.routes[("GET" if method == "HEAD" else method, parts.path)](
-                Request(query, body))
-        except Exception as e:
-            if not isinstance(e, ManagerError):
-                log.exception("%s %s failed", method, self.path[:200])
-            status, payload, headers = error_answer(e)
-        self._send(status, payload, headers, head=(method == "HEAD"))
+            data = json.loads(self.body.decode("utf-8") if self.body else "")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return data
 
-    def _access(self, settings):
-        # The allow list was checked when the connection was accepted (Server._accept).
-        token = settings.token()
-        if token:
-            given = self.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                raise HttpError(401, "missing or wrong bearer token",
-                                {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
+    def query_values(self, name):
+        """The values of query parameter `name`, %-decoded (as parse_qs)."""
+        found = []
+        for part in self.query.split("&"):
+            key, _, value = part.partition("=")
+            if _unquote(key) == name:
+                found.append(_unquote(value))
+        return found
 
-    def _body(self):
-        """Read exactly Content-Length bytes; anything else would be parsed as the next request."""
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            return b""
-        if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
-            self.close_connection = True
-            raise InvalidInput(f"invalid Content-Length {lengths!r}")
-        length = int(lengths[0])
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise HttpError(413, f"request body of {length} bytes is over the limit of "
-                               f"{MAX_BODY} bytes")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            raise InvalidInput("request body ended before Content-Length bytes")
-        return body
 
-    def _send(self, status, payload, headers, head=False):
-        self._log(status, payload.get("error") if status >= 400 else None)
-        data = (json.dumps(payload) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        # RFC 9112 9.3 and RFC 1945: HTTP/1.1 persists unless either side says close; HTTP/1.0
-        # persists only if the client asked for keep-alive and the answer says keep-alive
-        # (http.server clears close_connection for it, but never says so). An answer that
-        # ends the connection always says close, so no client waits for the idle timeout.
-        if self.must_close or self.server.stopping.is_set():
-            self.close_connection = True
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        elif self.request_version == "HTTP/1.0":
-            self.send_header("Connection", "keep-alive")
-        self.end_headers()
-        if not head:
-            self.wfile.write(data)
+def _unquote(text):
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                 text.replace("+", " ").encode("latin-1", "replace"))
+    return raw.decode("utf-8", "replace")
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, header too long) in the one JSON shape; an
-        # unsupported HTTP version is the client's error (400): the API's only 5xx are
-        # systemctl's own failures.
-        self.close_connection = True
-        if code == 505:
-            code, message = 400, f"unsupported HTTP version in {self.requestline[:80]!r}: " \
-                                 "use HTTP/1.0 or HTTP/1.1"
-        self._send(*error_answer(HttpError(code, message or self.responses.get(code, ("",))[0])))
 
-    def _log(self, status, error=None):
-        """One journal line per request: client, request, status, time taken (and for an error
-        its message); priority error for 5xx."""
-        ms = (time.monotonic() - self.started) * 1000
-        if self.command:
-            request = f"{self.command[:20]} {(self.path or '')[:200]}"
-        else:  # the request line did not parse: show what came
-            request = (getattr(self, "requestline", "") or "-")[:200]
-        request = request.encode("ascii", "backslashreplace").decode()
-        level = logging.ERROR if status >= 500 else logging.INFO
-        log.log(level, '%s "%s" %d %.0fms%s', self.client_address[0], request, status, ms,
-                f": {error}" if error else "")
+def parse_request(request, raw, problem):
+    """Fill `request` from the raw bytes the Server framed (frame_request); raise HttpError
+    (the connection then closes) for anything malformed. Strict where parsers disagree: a
+    header line that is not `token: value` is refused rather than guessed at."""
+    match = HEAD_END.search(raw)
+    if not match:
+        raise HttpError(431, f"request head over {MAX_HEAD} bytes")
+    head, body = raw[:match.start()], raw[match.end():]
+    lines = head.split(b"\n")
+    line = lines[0].rstrip(b"\r").decode("latin-1")
+    if len(line) > 65536:
+        raise HttpError(414, "request line over 65536 bytes")
+    words = line.split()
+    if len(words) == 3:
+        request.method, request.target, request.version = words
+        version = re.fullmatch(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})", request.version)
+        if not version:
+            raise HttpError(400, f"bad request version {request.version[:40]!r}")
+        if (int(version.group(1)), int(version.group(2))) not in ((1, 0), (1, 1)):
+            raise HttpError(400, f"unsupported HTTP version in {line[:80]!r}: use HTTP/1.0 "
+                                 "or HTTP/1.1")
+        request.close = request.version == "HTTP/1.0"
+    elif len(words) == 2 and words[0] == "GET":  # the HTTP/0.9 form: answered, then closed
+        request.method, request.target, request.version = words[0], words[1], "HTTP/1.0"
+    else:
+        raise HttpError(400, f"bad request line {line[:80]!r}")
+    if len(lines) > 101:
+        raise HttpError(431, "more than 100 header lines")
+    headers = request.headers
+    for raw_line in lines[1:]:
+        name, sep, value = raw_line.rstrip(b"\r").decode("latin-1").partition(":")
+        if not sep or not TOKEN.fullmatch(name) or any(c in value for c in "\0\r"):
+            raise HttpError(400, f"malformed header line {raw_line[:60]!r}")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    connection = {t.strip().lower() for t in request.header("connection").split(",")}
+    if "close" in connection:
+        request.close = True
+    elif "keep-alive" in connection and len(words) == 3:
+        request.close = False
+    if problem == "close":
+        request.close = True
+    target = request.target
+    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        target = "/" + target.split("//", 1)[1].partition("/")[2]  # absolute form
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")
+    target = target.partition("#")[0]
+    request.path, _, request.query = target.partition("?")
+    request.body = _body(request, body)
 
-    def log_request(self, code="-", size="-"):
-        pass  # logged once in _send, with the time taken
 
-    def log_message(self, fmt, *args):
-        log.debug("%s %s", self.client_address[0], fmt % args)
+def _body(request, data):
+    """Exactly Content-Length bytes; anything else would be parsed as the next request."""
+    if request.headers.get("transfer-encoding"):
+        request.close = True
+        raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
+    lengths = request.headers.get("content-length") or []
+    if not lengths:
+        return b""
+    if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
+        request.close = True
+        raise InvalidInput(f"invalid Content-Length {lengths!r}")
+    length = int(lengths[0])
+    if length > MAX_BODY:
+        request.close = True
+        raise HttpError(413, f"request body of {length} bytes is over the limit of "
+                             f"{MAX_BODY} bytes")
+    if len(data) != length:
+        request.close = True
+        raise InvalidInput("request body ended before Content-Length bytes")
+    return data
+
+
+SERVER_HEADER = f"Server: backend-ai-manager/{__version__}\r\n".encode()
+JSON_HEADERS = b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
+
+
+@functools.lru_cache(maxsize=4)
+def _date_header(second):
+    return time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(second)).encode()
+
+
+def render_answer(request, status, payload, headers=None):
+    """The whole answer as bytes; logs it (see log_answer)."""
+    data = (json.dumps(payload) + "\n").encode()
+    log_answer(request, status, payload.get("error") if status >= 400 else None)
+    parts = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n".encode(), SERVER_HEADER,
+             _date_header(int(time.time())), JSON_HEADERS,
+             b"Content-Length: %d\r\n" % len(data)]
+    for key, value in (headers or {}).items():
+        parts.append(f"{key}: {value}\r\n".encode("latin-1", "replace"))
+    # RFC 9112 9.3: HTTP/1.1 persists unless either side says close; HTTP/1.0 only if the
+    # client asked for keep-alive and the answer says keep-alive. An answer that ends the
+    # connection always says close, so no client waits for the idle timeout.
+    if request.close:
+        parts.append(b"Connection: close\r\n")
+    elif request.version == "HTTP/1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if request.method != "HEAD":
+        parts.append(data)
+    return b"".join(parts)
+
+
+def log_answer(request, status, error=None):
+    """One journal line per request that changed something (not GET or HEAD), failed or was
+    refused: client, request, status, time taken, and an error's message; priority error for
+    5xx. A successful GET or HEAD is a DEBUG line, shown with --log-requests: a hub polling
+    /status must not fill the journal."""
+    quiet = status < 400 and request.method in ("GET", "HEAD")
+    if quiet and not requests_log.isEnabledFor(logging.DEBUG):
+        return
+    ms = (time.monotonic() - request.started) * 1000
+    what = f"{request.method[:20]} {request.target[:200]}" if request.method else "-"
+    what = what.encode("ascii", "backslashreplace").decode()
+    level = logging.DEBUG if quiet else logging.ERROR if status >= 500 else logging.INFO
+    requests_log.log(level, '%s "%s" %d %.0fms%s', request.client, what, status, ms,
+                     f": {error}" if error else "")
 
 
 class _Connection:
@@ -2955,7 +3228,7 @@ class _Connection:
 MAX_HEAD = 65536
 
 
-HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line, as http.server reads it
+HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line (a bare LF ends a line too)
 
 
 def frame_request(buf):
@@ -3005,6 +3278,7 @@ class Server:
     --request-timeout of its first byte; an idle keep-alive connection is closed after 5 s."""
 
     WORKERS = 16
+    ACCEPT_BATCH = 16
     KEEPALIVE = 5.0
     WRITE_TIMEOUT = 10.0
 
@@ -3033,7 +3307,7 @@ class Server:
         self.connections = set()
         self.lingering = {}  # refused sockets being drained before close: socket -> deadline
         self.returned = queue.Queue()  # connections handed back by workers (keep-alive)
-        self.jobs = queue.Queue()
+        self.jobs = queue.Queue()  # (task_done counts what is in progress: see stuck())
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.heartbeat = self.last_done = time.monotonic()
@@ -3057,7 +3331,11 @@ class Server:
                     elif key.data == "linger":
                         self._linger(key.fileobj)
                     else:
-                        self._read(key.data)
+                        try:
+                            self._read(key.data)
+                        except Exception:  # one connection's trouble must not end the loop
+                            log.exception("request from %s failed", key.data.address[0])
+                            self._close(key.data)
                 self._take_back()
                 self._expire()
         finally:
@@ -3071,7 +3349,9 @@ class Server:
         return {k.data for k in self.selector.get_map().values() if isinstance(k.data, _Connection)}
 
     def _accept(self):
-        while True:
+        # A bounded batch, so that the loop turns and sees the other connections' events (the
+        # clients that closed: a client reconnecting at once would otherwise keep it here).
+        for _ in range(self.ACCEPT_BATCH):
             try:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -3080,6 +3360,8 @@ class Server:
                 log.warning("accept failed: %s", e)
                 time.sleep(0.05)
                 return
+            if len(self.connections) >= self.max_connections:
+                self._reap()
             if len(self.connections) >= self.max_connections:
                 self._refuse(sock, address, HttpError(503, f"too many connections (limit "
                                                       f"{self.max_connections}); try again "
@@ -3095,6 +3377,24 @@ class Server:
             conn = _Connection(sock, address, time.monotonic() + self.settings.request_timeout)
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
+            try:
+                self._read(conn)  # the request often came with the connection: no second turn
+            except Exception:
+                log.exception("request from %s failed", address[0])
+                self._close(conn)
+
+    def _reap(self):
+        """Close the idle connections whose clients have already closed theirs (their end of
+        file not read yet), before refusing a new client for want of room."""
+        for conn in self._registered():
+            if conn.idle:
+                try:
+                    if conn.sock.recv(1, socket.MSG_PEEK) == b"":
+                        self._close(conn)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._close(conn)
 
     def _refuse(self, sock, address, error):
         """Answer `error` without a worker, best effort, and close. (Not getpeername(): it
@@ -3102,7 +3402,7 @@ class Server:
         status, payload, _ = error_answer(error)
         log.warning('%s "-" %d refused: %s', address[0], status, error.message)
         body = json.dumps(payload).encode() + b"\n"
-        reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+        reason = REASONS.get(status, "Error")
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         try:
@@ -3149,18 +3449,48 @@ class Server:
         self._hand_over(conn)
 
     def _hand_over(self, conn):
-        length, problem = frame_request(conn.buf)
-        if length is None:
-            return
-        raw = bytes(conn.buf[:length])
-        del conn.buf[:length]
-        self.selector.unregister(conn.sock)
-        if problem == "folded":
-            self.connections.discard(conn)
-            self._refuse(conn.sock, conn.address, HttpError(400, "folded header lines are not "
-                                                            "accepted"))
-            return
-        self.jobs.put((conn, raw, problem == "close"))
+        """Frame and parse the next request of `conn`; answer it here if that needs no waiting
+        (Api.instant: one thread, no hand-over), else hand it to a worker."""
+        while True:
+            length, problem = frame_request(conn.buf)
+            if length is None:
+                return
+            raw = bytes(conn.buf[:length])
+            del conn.buf[:length]
+            if problem == "folded":
+                self.selector.unregister(conn.sock)
+                self.connections.discard(conn)
+                self._refuse(conn.sock, conn.address, HttpError(400, "folded header lines are "
+                                                                "not accepted"))
+                return
+            request = HttpRequest(conn.address[0], time.monotonic())
+            try:
+                parse_request(request, raw, problem)
+                error = None
+            except Exception as e:
+                error = e
+            if error is not None or not self.api.instant(request) or self.stopping.is_set():
+                self.selector.unregister(conn.sock)
+                self.jobs.put((conn, request, error))
+                return
+            data = self.api.respond(request)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent < len(data):  # a client not reading: the rest is a worker's, with its timeout
+                self.selector.unregister(conn.sock)
+                self.jobs.put((conn, request, data[sent:]))
+                return
+            if request.close:
+                self._close(conn)
+                return
+            conn.idle = not conn.buf
+            conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
+                                                else self.settings.request_timeout)
 
     def _take_back(self):
         while True:
@@ -3213,12 +3543,18 @@ class Server:
             if job is None:
                 self.jobs.task_done()
                 return
-            conn, raw, must_close = job
+            conn, request, extra = job  # extra: the parse error, or the rest of an answer
             keep = False
             try:
                 conn.sock.settimeout(self.WRITE_TIMEOUT)
-                handler = Handler(raw, conn.sock, conn.address, self, must_close)
-                keep = not handler.close_connection and not must_close
+                if isinstance(extra, bytes):
+                    data = extra
+                else:
+                    if self.stopping.is_set():
+                        request.close = True
+                    data = self.api.respond(request, extra)
+                conn.sock.sendall(data)
+                keep = not request.close
             except OSError:
                 pass  # the client went away
             except Exception:
@@ -3270,6 +3606,519 @@ class Server:
 
 
 # ============================================================================================
+# Client: the operator's commands (status, update, agents, pack, ...), through the same HTTP
+# client the hub uses for its agents (AgentCall: one selector, no thread, no extra import).
+# Exit status: 0 done, 1 the operation failed, 2 usage, 3 the service is not running
+# (`status`), 4 the manager could not be reached.
+# ============================================================================================
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+CLIENT_DEADLINES = {"GET": 30.0, "POST": 300.0}  # a POST /restart waits for systemctl
+ROLLOUT_FINAL = (SUCCEEDED, INCOMPLETE, HALTED)
+AGENT_OUTCOMES = (CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK, LOST)
+
+
+class ClientError(ManagerError):
+    """The command cannot be done; `code` is its exit status."""
+
+    def __init__(self, message, code=EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    """Talks to one manager and prints for a person, or JSON for a script (--json)."""
+
+    def __init__(self, host, token_file, as_json, out=None, err=None):
+        try:
+            self.host = parse_agents(host)[0] if host.strip() else ""
+        except ValueError as e:
+            raise ClientError(f"invalid --host {host!r}: {e}", EXIT_USAGE) from None
+        if not self.host:
+            raise ClientError("--host is empty", EXIT_USAGE)
+        self.token = None
+        if token_file:
+            try:
+                self.token = _token_text(token_file)
+            except OSError as e:
+                raise ClientError(f"cannot read --token-file {token_file}: {e.strerror}",
+                                  EXIT_USAGE) from None
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.tty = self.out.isatty() and not as_json
+        self.bar_shown = False
+        self.started = time.monotonic()
+
+    # --- talking to the manager
+    def call(self, method, path, body=None):
+        """The manager's JSON answer to one request; raises ClientError (exit 4 when there is
+        no answer, 1 for an error answer, with the manager's own message)."""
+        call = AgentCall(self.host, method, path, body=body, token=self.token)
+        call.limit = 64 << 20
+        run_agent_calls([call], AGENT_CONNECT_TIMEOUT, CLIENT_DEADLINES[method])
+        if call.status is None:
+            raise ClientError(f"cannot reach the manager at {self.host}: {call.error}",
+                              EXIT_UNREACHABLE if not call.answered else EXIT_FAILED)
+        if call.status >= 400:
+            raise ClientError(f"{method} {path}: HTTP {call.status}: "
+                              f"{call.payload.get('error') or 'no message'}")
+        return call.payload
+
+    # --- printing
+    def say(self, line):
+        self._clear_bar()
+        print(line, file=self.out, flush=True)
+
+    def stamp(self, line):
+        self.say(f"[{time.monotonic() - self.started:6.1f}s] {line}")
+
+    def dump(self, document):
+        print(json.dumps(document, indent=2), file=self.out, flush=True)
+
+    def _clear_bar(self):
+        if self.bar_shown:
+            self.out.write("\r\x1b[K")
+            self.bar_shown = False
+
+    def bar(self, record):
+        """The download's progress on one terminal line, redrawn in place."""
+        if not self.tty:
+            return
+        done, total = record.get("bytes") or 0, record.get("total")
+        width = 30
+        if total:
+            filled = min(width, int(width * done / total))
+            text = f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // total:3d}%  " \
+                   f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
+        else:
+            text = f"{done / 1e6:.1f} MB"
+        self.out.write(f"\r\x1b[K  downloading {text}, {record.get('files') or 0} files")
+        self.out.flush()
+        self.bar_shown = True
+
+    # --- the commands
+    def status(self, args):
+        answer = self.call("GET", "/status")
+        if self.as_json:
+            self.dump(answer)
+        else:
+            for line in describe_status(answer):
+                self.say(line)
+        return EXIT_OK if answer.get("running") is True else EXIT_NOT_RUNNING
+
+    def version(self, args):
+        answer = self.call("GET", "/version")
+        self.dump(answer) if self.as_json else self.say(
+            f"{answer.get('version')} {answer.get('name') or ''}".rstrip())
+        return EXIT_OK
+
+    def logs(self, args):
+        answer = self.call("GET", f"/logs?lines={args.lines}")
+        if self.as_json:
+            self.dump(answer)
+        else:
+            self.out.write(answer.get("logs") or "")
+            if answer.get("logs") and not answer["logs"].endswith("\n"):
+                self.out.write("\n")
+            self.out.flush()
+        return EXIT_OK
+
+    def control(self, args):
+        answer = self.call("POST", f"/{args.command}")
+        if self.as_json:
+            self.dump(answer)
+            return EXIT_OK
+        done = "done" if answer.get("changed", True) else "nothing to do"
+        self.say(f"{answer.get('service')}: {args.command} {done}")
+        status = self.call("GET", "/status")
+        for line in describe_status(status):
+            self.say(line)
+        return EXIT_OK
+
+    def agents(self, args):
+        answer = self.call("GET", "/agents")
+        if self.as_json:
+            self.dump(answer)
+            return EXIT_OK
+        rows = [("AGENT", "REACHABLE", "STATE", "VERSION", "SINCE", "UPDATE", "RTT")]
+        for entry in answer.get("agents") or []:
+            update = entry.get("update") or {}
+            rows.append((
+                entry.get("agent") or "?", "yes" if entry.get("reachable") else "no",
+                entry.get("active_state") or ("-" if not entry.get("error") else "error"),
+                entry.get("version") or "-", entry.get("since") or "-",
+                " ".join(str(update.get(k)) for k in ("state", "version") if update.get(k))
+                or "-", f"{entry['rtt_ms']:.0f} ms" if entry.get("rtt_ms") is not None else "-"))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            self.say("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        for entry in answer.get("agents") or []:
+            if entry.get("error"):
+                self.say(f"{entry.get('agent')}: {entry['error']}")
+        summary = answer.get("summary") or {}
+        versions = ", ".join(f"{v}: {n}" for v, n in sorted((summary.get("versions") or
+                                                              {}).items())) or "none"
+        skew = ", ".join(summary.get("skew") or []) or "none"
+        self.say(f"{summary.get('total', 0)} agents, {summary.get('reachable', 0)} reachable, "
+                 f"{summary.get('running', 0)} running; versions {versions}; hub "
+                 f"{summary.get('hub_version') or '-'}; not on the hub's version: {skew}")
+        return EXIT_OK
+
+    def update(self, args):
+        body = {"version": args.version}
+        if args.target:
+            body["target"] = args.target
+        return self._job("POST", "/update", body, args.no_wait, rollout_only=args.target ==
+                         "agents")
+
+    def rollback(self, args):
+        return self._job("POST", "/rollback", None, args.no_wait)
+
+    def _job(self, method, path, body, no_wait, rollout_only=False):
+        answer = self.call(method, path, body)
+        if no_wait:
+            self.dump(answer) if self.as_json else self.say(answer.get("message", "started"))
+            return EXIT_OK
+        if not self.as_json:
+            self.say(answer.get("message", "started"))
+        follow_rollout = rollout_only or bool(answer.get("agents"))
+        record = None if rollout_only else self._follow_job(answer.get("update") or {})
+        code = EXIT_OK
+        if record is not None and record.get("state") != SUCCEEDED:
+            code, follow_rollout = EXIT_FAILED, False  # the hub's rollout halts untouched
+            if not self.as_json:
+                self.say(f"{record.get('action')} {record.get('state')}: "
+                         f"{record.get('error') or 'no reason given'}")
+                if answer.get("agents"):
+                    self.say("no agent was touched")
+        elif record is not None and not self.as_json:
+            self.say(f"{record.get('action')} succeeded: version {record.get('version')} is "
+                     "running")
+        final = record
+        if follow_rollout:
+            rollout = self._follow_rollout()
+            final = dict(record, agents=rollout) if record else rollout
+            if rollout.get("state") != SUCCEEDED:
+                code = EXIT_FAILED
+        if self.as_json:
+            self.dump(final)
+        return code
+
+    def _follow_job(self, first):
+        """Poll GET /update until the job this manager started has ended, printing each step
+        as it happens; returns the final record."""
+        started_at = first.get("started_at")
+        printed = set()
+        while True:
+            record = self.call("GET", "/update")
+            if started_at and record.get("started_at") != started_at:
+                raise ClientError("another job replaced this one on the manager (its record "
+                                  f"now shows {record.get('action')} {record.get('version')})")
+            for entry in record.get("log") or []:
+                key = (entry.get("elapsed"), entry.get("message"))
+                if key not in printed:
+                    printed.add(key)
+                    if not self.as_json:
+                        self.stamp(f"{entry.get('state')}: {entry.get('message')}")
+            state = record.get("state")
+            if state not in WORKING_STATES:
+                return record
+            if state == DOWNLOADING:
+                self.bar(record)
+            time.sleep(0.2)
+
+    def _follow_rollout(self):
+        """Poll GET /update's `agents` (the rollout) until it has ended, printing each agent's
+        outcome as it comes and the rollout's steps; returns the final rollout record."""
+        outcomes, step = {}, None
+        while True:
+            rollout = self.call("GET", "/update").get("agents") or {}
+            if not self.as_json:
+                for entry in rollout.get("agents") or []:
+                    state = entry.get("state")
+                    if state in AGENT_OUTCOMES and outcomes.get(entry.get("agent")) != state:
+                        outcomes[entry.get("agent")] = state
+                        change = f"{entry.get('from_version') or '?'} -> {entry.get('version')}"
+                        self.stamp(f"agent {entry.get('agent')} (batch {entry.get('batch')}): "
+                                   f"{state}, {change}" + (f": {entry['error']}"
+                                                            if entry.get("error") else ""))
+                new_step = rollout.get("step")
+                if new_step and new_step != step and rollout.get("state") not in ROLLOUT_FINAL:
+                    step = new_step
+                    if not any(step.startswith(f"{e.get('agent')}:")
+                               for e in rollout.get("agents") or []):
+                        self.stamp(f"rollout: {step}")
+            if rollout.get("state") in ROLLOUT_FINAL:
+                if not self.as_json:
+                    counts = ", ".join(f"{n} {s}" for s, n in sorted(
+                        (rollout.get("counts") or {}).items()))
+                    self.say(f"rollout {rollout.get('state')}: {len(rollout.get('agents') or [])}"
+                             f" agents: {counts or 'none'}" + (f"; {rollout['error']}"
+                                                               if rollout.get("error") else ""))
+                return rollout
+            time.sleep(0.25)
+
+
+def describe_status(answer):
+    """/status for a person: the service line, the version, the update."""
+    since = f" since {answer['since']}" if answer.get("since") else ""
+    pid = f", pid {answer['main_pid']}" if answer.get("main_pid") else ""
+    restarts = f", {answer['restarts']} restarts" if answer.get("restarts") is not None else ""
+    lines = [f"{answer.get('service')}: {answer.get('active_state')} ({answer.get('sub_state')})"
+             f"{since}{pid}{restarts}"]
+    if answer.get("version"):
+        lines.append(f"version: {answer['version']} {answer.get('name') or ''}".rstrip())
+    else:
+        lines.append(f"version: unknown ({answer.get('version_error')})")
+    update = answer.get("update") or {}
+    if update.get("state") and update.get("state") != IDLE:
+        text = f"last {update.get('action') or 'update'}: {update['state']} " \
+               f"{update.get('version') or ''}".rstrip()
+        lines.append(text + (f": {update['error']}" if update.get("error") else ""))
+    manager = answer.get("manager") or {}
+    if manager:
+        lines.append(f"manager: {manager.get('version')} ({manager.get('role')})")
+    return lines
+
+
+# --- pack: a release tarball of a build, reproducibly ------------------------------------------
+
+def _pax_record(key, value):
+    text = f" {key}={value}\n".encode("utf-8", "surrogateescape")
+    length = len(text) + 1
+    while len(str(length)) + len(text) != length:
+        length = len(str(length)) + len(text)
+    return str(length).encode() + text
+
+
+def _ustar_block(name, kind, size, mode, linkname):
+    def text(value, width):
+        return value.encode("utf-8", "surrogateescape")[:width].ljust(width, b"\0")
+
+    def number(value, width):
+        return b"%0*o\0" % (width - 1, value)
+
+    block = bytearray(text(name, 100) + number(mode, 8) + number(0, 8) + number(0, 8) +
+                      number(size, 12) + number(0, 12) + b" " * 8 + kind + text(linkname, 100) +
+                      b"ustar\x0000" + text("root", 32) + text("root", 32) + number(0, 8) +
+                      number(0, 8) + bytes(155) + bytes(12))
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def tar_header(name, kind, size=0, mode=0o644, linkname=""):
+    """The header block(s) of one member: ustar, with a pax header first when the name or link
+    does not fit ustar's fields (over 100 bytes, or not ASCII)."""
+    pax = {}
+    if len(name.encode("utf-8", "surrogateescape")) > 100 or not name.isascii():
+        pax["path"] = name
+    if len(linkname.encode("utf-8", "surrogateescape")) > 100 or not linkname.isascii():
+        pax["linkpath"] = linkname
+    if size >= 8 ** 11:
+        pax["size"] = str(size)
+    head = b""
+    if pax:
+        data = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
+        head = _ustar_block("././@PaxHeader", XHDTYPE, len(data), 0o644, "") + data + \
+            bytes(-len(data) % 512)
+    return head + _ustar_block(name, kind, size if size < 8 ** 11 else 0, mode, linkname)
+
+
+def walk_build(build):
+    """(name, kind, path) of every entry below `build`, folders before their contents, names
+    sorted; refuses what a release cannot hold. Never follows a symlink."""
+    entries = []
+
+    def visit(folder, prefix):
+        with os.scandir(folder) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for entry in children:
+            name = prefix + entry.name
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(entry.path)
+                if not link_target_inside(name, target, ""):
+                    raise ClientError(f"{entry.path} is a symlink to {target!r}, outside the "
+                                      "build: a release may only link inside itself")
+                entries.append((name, SYMTYPE, entry.path, st, target))
+            elif stat.S_ISDIR(st.st_mode):
+                entries.append((name + "/", DIRTYPE, entry.path, st, ""))
+                visit(entry.path, name + "/")
+            elif stat.S_ISREG(st.st_mode):
+                entries.append((name, REGTYPE, entry.path, st, ""))
+            else:
+                raise ClientError(f"{entry.path} is not a file, folder or symlink")
+
+    visit(build, "")
+    return entries
+
+
+def pack_release(build, kind, out, say=print):
+    """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
+    package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
+    so the same build gives the same bytes. Checks the tarball with the manager's own
+    extractor before it replaces anything; returns the tarball's path."""
+    build = os.path.abspath(build)
+    try:
+        version, package_name = read_package_json(os.path.join(build, "package.json"))
+    except ReleaseError as e:
+        raise ClientError(f"not a build: {e.message}") from None
+    if not VERSION_RE.fullmatch(version):
+        raise ClientError(f"{build}/package.json has version {version!r}, not a plain version")
+    if not os.path.isdir(os.path.join(build, "dist")) or \
+            os.path.islink(os.path.join(build, "dist")):
+        raise ClientError(f"not a build: {build}/dist/ is missing")
+    folder = os.path.join(os.path.abspath(out), version)
+    target = os.path.join(folder, f"{kind}-{version}.tar.gz")
+    entries = walk_build(build)
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    temp = f"{target}.tmp-{os.getpid()}"
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    try:
+        with open(temp, "wb") as f:
+            gzip = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: no name, mtime 0
+
+            def put(data):
+                packed = gzip.compress(data)
+                digest.update(packed)
+                f.write(packed)
+
+            files = 0
+            for name, kind_byte, path, st, link in entries:
+                if kind_byte == REGTYPE:
+                    mode = 0o755 if st.st_mode & 0o111 else 0o644
+                    with open(path, "rb") as src:
+                        size = os.fstat(src.fileno()).st_size
+                        put(tar_header(name, REGTYPE, size, mode))
+                        left = size
+                        while left > 0:
+                            data = src.read(min(CHUNK, left))
+                            if not data:
+                                raise ClientError(f"{path} shrank while it was packed")
+                            put(data)
+                            left -= len(data)
+                        put(bytes(-size % 512))
+                    files += 1
+                elif kind_byte == DIRTYPE:
+                    put(tar_header(name, DIRTYPE, mode=0o755))
+                else:
+                    put(tar_header(name, SYMTYPE, mode=0o777, linkname=link))
+            put(bytes(1024))  # the end marker
+            tail = gzip.flush()
+            digest.update(tail)
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        say(f"packed {files} files, {len(entries) - files} folders and links of "
+            f"{package_name or kind}"
+            f" {version}: {os.path.getsize(temp)} bytes in {time.monotonic() - started:.1f} s")
+        check_pack(temp, build, entries, version)
+        say("checked: the manager's extractor unpacks exactly the build")
+        with open(f"{target}.sha256.tmp-{os.getpid()}", "w") as f:
+            f.write(f"{digest.hexdigest()}  {os.path.basename(target)}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+        os.replace(f"{target}.sha256.tmp-{os.getpid()}", f"{target}.sha256")
+        _fsync_dir(folder)
+    finally:
+        for path in (temp, f"{target}.sha256.tmp-{os.getpid()}"):
+            if os.path.exists(path):
+                os.unlink(path)
+        if made and not os.listdir(folder):
+            os.rmdir(folder)  # a failed pack leaves nothing behind
+    return target, digest.hexdigest()
+
+
+class _FileBody:
+    """A file read like an HTTP answer's body, for unpack_release."""
+
+    def __init__(self, f):
+        self.f, self.headers = f, {"content-length": str(os.fstat(f.fileno()).st_size)}
+
+    def read1(self, size):
+        return self.f.read1(size)
+
+
+def check_pack(tarball, build, entries, version):
+    """Unpack `tarball` with the manager's extractor and compare it with the build: every name,
+    type, link target, exec bit and byte."""
+    scratch = f"{tarball}.check"
+    try:
+        with open(tarball, "rb") as f:
+            root, _, _ = unpack_release(_FileBody(f), scratch, time.monotonic() + 3600,
+                                        1 << 40, 1 << 42, 10_000_000, 1 << 40)
+        tree = os.path.join(scratch, root)
+        verify_release(tree, version, None, None)
+        for name, kind_byte, path, st, link in entries:
+            got = os.path.join(tree, name)
+            if kind_byte == SYMTYPE:
+                same = os.path.islink(got) and os.readlink(got) == link
+            elif kind_byte == DIRTYPE:
+                same = os.path.isdir(got) and not os.path.islink(got)
+            else:
+                same = os.path.isfile(got) and not os.path.islink(got) and \
+                    bool(os.stat(got).st_mode & 0o111) == bool(st.st_mode & 0o111) and \
+                    _same_bytes(got, path)
+            if not same:
+                raise ClientError(f"the packed release differs from the build at {name!r}")
+    except ReleaseError as e:
+        raise ClientError(f"the packed release does not unpack: {e.message}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(CHUNK), fb.read(CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def run_client(args):
+    """One client command; returns its exit status."""
+    if args.command == "pack":
+        try:
+            path, digest = pack_release(args.build_dir, args.kind, args.out,
+                                        say=lambda line: print(line, file=sys.stderr
+                                                               if args.json else sys.stdout))
+        except ClientError as e:
+            print(f"backend_ai_manager.py pack: error: {e.message}", file=sys.stderr)
+            return e.code
+        except OSError as e:
+            print(f"backend_ai_manager.py pack: error: {e.filename or ''}: {e.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            print(json.dumps({"tarball": path, "sha256": digest}))
+        else:
+            print(f"{path}\n{path}.sha256: {digest}")
+        return EXIT_OK
+    try:
+        client = Client(args.host, args.token_file, args.json)
+        handler = {"status": client.status, "version": client.version, "logs": client.logs,
+                   "start": client.control, "stop": client.control, "restart": client.control,
+                   "update": client.update, "rollback": client.rollback,
+                   "agents": client.agents}[args.command]
+        return handler(args)
+    except ClientError as e:
+        if "client" in locals():
+            client._clear_bar()
+        print(f"backend_ai_manager.py {args.command}: error: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"backend_ai_manager.py {args.command}: interrupted (the manager's job, if any, "
+              "goes on)", file=sys.stderr)
+        return 130
+
+
+# ============================================================================================
 # Command line
 # ============================================================================================
 
@@ -3281,17 +4130,52 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="backend_ai_manager.py",
-                     description="Control one systemd service over HTTP (backend-ai-manager).")
+                     description="Control one systemd service over HTTP (backend-ai-manager): "
+                     "`serve` runs the daemon; the other commands talk to one.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     daemon = commands.add_parser("serve", help="run the daemon")
     for name, flag, env, parse, text in OPTIONS:
-        if name == "require_checksum":
+        if name in ("require_checksum", "log_requests"):
             daemon.add_argument(flag, dest=name, action="store_const", const=True, default=None,
                                 help=f"{text} (${env})")
         else:
             daemon.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
                                 choices=list(ROLES) if name == "role" else None)
+    common = _Parser(add_help=False)
+    common.add_argument("--host", default=os.environ.get("BACKEND_AI_HOST", "127.0.0.1:3081"),
+                        help="the manager, HOST[:PORT] ($BACKEND_AI_HOST; default "
+                        "127.0.0.1:3081)")
+    common.add_argument("--token-file", default=os.environ.get("BACKEND_AI_TOKEN_FILE", ""),
+                        help="file holding the bearer token ($BACKEND_AI_TOKEN_FILE)")
+    common.add_argument("--json", action="store_true",
+                        help="print the manager's JSON document, nothing else")
+    for name, text in (("status", "the service's state (exit 3 if it is not running)"),
+                       ("version", "the installed version"), ("start", "start the service"),
+                       ("stop", "stop the service"), ("restart", "restart the service"),
+                       ("agents", "a hub's agents as a table")):
+        commands.add_parser(name, parents=[common], help=text)
+    logs = commands.add_parser("logs", parents=[common], help="the service's journal")
+    lines = _int_in(1, 10000)
+    lines.__name__ = "line count (1 to 10000)"  # argparse: "invalid line count ... value"
+    logs.add_argument("-n", "--lines", type=lines, default=50,
+                      help="lines, 1 to 10000 (default 50)")
+    update = commands.add_parser("update", parents=[common],
+                                 help="update to VERSION and follow it to its end")
+    update.add_argument("version", metavar="VERSION")
+    update.add_argument("--target", choices=("hub", "agents"),
+                        help="on a hub: only the hub, or only the agents (default: the hub, "
+                        "then its agents)")
+    update.add_argument("--no-wait", action="store_true", help="return once it has started")
+    rollback = commands.add_parser("rollback", parents=[common],
+                                   help="go back to the previous release, following it")
+    rollback.add_argument("--no-wait", action="store_true", help="return once it has started")
+    pack = commands.add_parser("pack", help="write a release tarball and its .sha256 from a "
+                               "build: NAS_ROOT/V/KIND-V.tar.gz")
+    pack.add_argument("build_dir", metavar="BUILD_DIR")
+    pack.add_argument("--kind", choices=("hub", "agent"), required=True)
+    pack.add_argument("--out", required=True, metavar="NAS_ROOT")
+    pack.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -3325,6 +4209,15 @@ class Watchdog(threading.Thread):
                 sd_notify("WATCHDOG=1")
 
 
+def release_free_memory():
+    """Give the C heap's free pages back to the system. Python compiles this file afresh at
+    every start (a script has no cached bytecode), which takes about 10 MB that stay with the
+    process after they are freed; malloc_trim(3) returns them (glibc only)."""
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
 def raise_file_limit(settings):
     """Lift the soft open-files limit to the hard one (systemd gives 1024 by default) so that
     --max-connections can be honoured; clamp it if the hard limit is lower."""
@@ -3342,7 +4235,7 @@ def raise_file_limit(settings):
 
 
 def serve(settings):
-    setup_logging()
+    setup_logging(settings.log_requests)
     systemd = Systemd(settings.service, settings.command_timeout)
     releases = Releases(settings.install_dir, settings.state_dir)
     updater = Updater(settings, systemd, releases)
@@ -3383,6 +4276,7 @@ def serve(settings):
     thread.start()
     log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
              settings.service, settings.bind, settings.port)
+    release_free_memory()
     sd_notify("READY=1\nSTATUS=listening")  # only now: the socket listens (Type=notify)
     Watchdog(server, stop).start()
     stop.wait()
@@ -3399,9 +4293,11 @@ def serve(settings):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if args.command != "serve":
-        parser.print_help()
-        return 2
+        return run_client(args)
     try:
         settings = resolve_settings(vars(args), os.environ)
     except ConfigError as e:

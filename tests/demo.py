@@ -10,10 +10,12 @@ everything it made, also on failure or Ctrl-C. Needs root (for the namespace), n
 
 import json
 import os
+import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BAM = os.path.join(os.path.dirname(HERE), "backend_ai_manager.py")
 sys.path.insert(0, HERE)
 
 import nodehub  # noqa: E402
@@ -200,33 +202,37 @@ def fleet(lab, hub, prepared):
         print(f"    {entry['agent']:<15} reachable={entry['reachable']} running={entry['running']}"
               f" version={entry['version']} rtt={entry['rtt_ms']} ms")
 
-    say("Update to 2.0.11 on the hub: the hub first, then its agents, batch by batch")
-    agents[0].publish("2.0.11")
-    show(hub, "POST", "/update", {"version": "2.0.11"}, quiet_keys=("update",))
-    seen = set()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        _, record = hub.api("GET", "/update")
-        rollout = record.get("agents") or {}
-        for entry in rollout.get("agents", []):
-            key = (entry["agent"], entry["state"])
-            if key not in seen and entry["state"] != "waiting":
-                seen.add(key)
-                print(f"  {entry['agent']:<15} batch {entry['batch']}: {entry['state']}"
-                      + (f" ({entry['error']})" if entry["error"] else ""))
-        if record["state"] in ("succeeded", "failed", "rolled_back") and \
-                rollout.get("state") not in ("pending", "rolling"):
-            break
-        time.sleep(0.1)
-    print(f"  hub: {record['state']}; rollout: {rollout.get('state')} {rollout.get('counts')}")
-    if record["state"] != "succeeded" or rollout.get("state") != "succeeded":
-        print(f"{RED}the rollout did not succeed: {rollout.get('error')}{RESET}")
+    say("Deploying 2.0.12 with the client: `pack` the build into the NAS share for the hub and "
+        "the agents, then `update` on the hub, which follows the hub's update and the rollout")
+    build = nodehub.build(prepared, "2.0.12", os.path.join(lab.work, "build-2.0.12"))
+    for kind in ("hub", "agent"):
+        if client(["pack", build, "--kind", kind, "--out", hub.nas.root]) != 0:
+            return 1
+    if client(["update", "2.0.12", "--host", f"127.0.0.1:{hub.port}"]) != 0:
         return 1
     for node in [hub] + agents:
-        if node.service_info()["version"] != "2.0.11" or not check_tree(node, "2.0.11"):
+        if node.service_info()["version"] != "2.0.12" or not check_tree(node, "2.0.12"):
             return 1
+    if client(["agents", "--host", f"127.0.0.1:{hub.port}"]) != 0:
+        return 1
     answer = show(hub, "GET", "/agents", quiet_keys=("agents",))
-    return 0 if answer["summary"]["versions"] == {"2.0.11": 2} else 1
+    return 0 if answer["summary"]["versions"] == {"2.0.12": 2} else 1
+
+
+def client(args):
+    """Run the client (this checkout's backend_ai_manager.py) as an operator would, showing the
+    command and its output as it comes; return its exit status."""
+    shown = [os.path.relpath(a, os.getcwd()) if os.path.isabs(a) and len(a) > 40 else a
+             for a in args]
+    print(f"{DIM}${RESET} python3 backend_ai_manager.py {' '.join(shown)}", flush=True)
+    process = subprocess.Popen([sys.executable, BAM] + args, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        print(f"  {line}", end="", flush=True)
+    code = process.wait()
+    if code != 0:
+        print(f"  {RED}exit status {code}{RESET}")
+    return code
 
 
 if __name__ == "__main__":

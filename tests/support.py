@@ -263,7 +263,8 @@ def free_port():
 class Nas:
     """A real HTTP file server on 127.0.0.1 serving `root` like the fleet's NAS
     (/api/raw/<version>/<file>), with per-path faults for tests:
-    'hang' (never answers), 'truncate' (sends half the body, then closes), 'status:NNN'."""
+    'hang' (never answers), 'truncate' (sends half the body, then closes), 'status:NNN',
+    'throttle:N' (N bytes a second), and the others below."""
 
     def __init__(self, root):
         self.root = root
@@ -299,6 +300,14 @@ class Nas:
                         self.wfile.flush()
                     time.sleep(60)
                     self.close_connection = True
+                    return
+                if fault.startswith("throttle:"):  # N bytes a second, in twentieths
+                    step = max(1, int(fault[9:]) // 20)
+                    with open(path, "rb") as f:
+                        for block in iter(lambda: f.read(step), b""):
+                            self.wfile.write(block)
+                            self.wfile.flush()
+                            time.sleep(0.05)
                     return
                 if fault == "trickle":  # one byte every 0.2 s, for at most 30 s
                     with open(path, "rb") as f:
@@ -701,6 +710,10 @@ class FakeSystemd:
         self.fail = None
 
     STATUS_MAX_AGE = 0
+    instant_status = True  # answers from memory: the server may answer /status itself
+
+    def fresh(self, max_age):
+        return self.instant_status
 
     def show(self, max_age=0.0):
         return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",

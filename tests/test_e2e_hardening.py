@@ -420,31 +420,63 @@ def test_idle_and_keepalive_connections_are_closed(host):
 
 
 # ---------------------------------------------------------------------------------------------
-# Journal: one line per request, no tracebacks
+# Journal: one line per request that changes or fails something, no tracebacks
 # ---------------------------------------------------------------------------------------------
 
 ACCESS_LINE = r'127\.0\.0\.1 "{method} {path}" {status} \d+(\.\d+)? ?ms(: .+)?'
 
 
-def test_one_info_journal_line_per_request(host):
+def wait_for_lines(host, cursor, patterns, counts):
+    """The journal entries after `cursor` matching each pattern, once each has `counts` of them
+    (or after 5 s: journald may need a moment)."""
+    deadline = time.monotonic() + 5
+    while True:
+        entries = journal(host, cursor)
+        found = [[e for e in entries if p.fullmatch(e[1])] for p in patterns]
+        if all(len(f) >= n for f, n in zip(found, counts)) or time.monotonic() > deadline:
+            return entries, found
+        time.sleep(0.2)
+
+
+def test_journal_quiet_for_reads_one_line_for_errors_and_changes(host):
+    """By default a successful GET is not logged (a hub polling /status would bury the lines
+    that matter); an error and a POST are one info line each."""
     cursor = journal_cursor(host.sandbox)
-    for _ in range(5):
+    for _ in range(20):
         assert call(host, "GET", "/status")[0] == 200
+    assert call(host, "HEAD", "/version")[0] == 200
     assert call(host, "GET", "/nope")[0] == 404
+    assert call(host, "POST", "/update", b'{"version": "../x"}')[0] == 400
     status_line = re.compile(ACCESS_LINE.format(method="GET", path="/status", status=200))
     nope_line = re.compile(ACCESS_LINE.format(method="GET", path="/nope", status=404))
-    deadline = time.monotonic() + 5
-    while True:  # journald may need a moment
-        entries = journal(host, cursor)
-        ok = [e for e in entries if status_line.fullmatch(e[1])]
-        nope = [e for e in entries if nope_line.fullmatch(e[1])]
-        if len(ok) >= 5 and nope or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    post_line = re.compile(ACCESS_LINE.format(method="POST", path="/update", status=400))
+    entries, (ok, nope, post) = wait_for_lines(host, cursor, [status_line, nope_line, post_line],
+                                               [0, 1, 1])
     shown = "\n".join(m for _, m in entries)
-    assert len(ok) == 5, f"expected 5 lines like '127.0.0.1 \"GET /status\" 200 3ms':\n{shown}"
+    assert ok == [], f"successful GETs were logged:\n{shown}"
+    assert not any('"HEAD /version"' in m for _, m in entries), shown
     assert len(nope) == 1, f"expected 1 line like '127.0.0.1 \"GET /nope\" 404 1ms':\n{shown}"
-    assert {p for p, _ in ok + nope} == {"6"}, f"access lines not at info priority: {ok + nope}"
+    assert len(post) == 1, f"expected 1 line for the refused POST:\n{shown}"
+    assert {p for p, _ in nope + post} == {"6"}, f"access lines not at info priority: {nope + post}"
+    assert_no_traceback(host)
+
+
+def test_log_requests_shows_every_get_at_debug(host):
+    host.restart_manager(BACKEND_AI_LOG_REQUESTS="yes")
+    try:
+        cursor = journal_cursor(host.sandbox)
+        for _ in range(5):
+            assert call(host, "GET", "/status")[0] == 200
+        assert call(host, "GET", "/nope")[0] == 404
+        status_line = re.compile(ACCESS_LINE.format(method="GET", path="/status", status=200))
+        nope_line = re.compile(ACCESS_LINE.format(method="GET", path="/nope", status=404))
+        entries, (ok, nope) = wait_for_lines(host, cursor, [status_line, nope_line], [5, 1])
+        shown = "\n".join(m for _, m in entries)
+        assert len(ok) == 5, f"expected 5 lines like '127.0.0.1 \"GET /status\" 200 3ms':\n{shown}"
+        assert {p for p, _ in ok} == {"7"}, f"GET lines not at debug priority: {ok}"
+        assert len(nope) == 1 and nope[0][0] == "6", nope
+    finally:
+        host.restart_manager(BACKEND_AI_LOG_REQUESTS=None)
     assert_no_traceback(host)
 
 

@@ -40,6 +40,26 @@ def test_seed_formats(srv):
     assert body["lines"] == 50
 
 
+def test_hand_edit_of_package_json_is_seen_by_the_next_status(srv):
+    """/status caches package.json by its stat(), never beyond a change: an edit in place of
+    the same size (same inode) within the same second, a replacement, and a removal."""
+    path = os.path.join(srv.server.settings.install_dir, "package.json")
+    assert srv.request("GET", "/status")[1]["version"] == "2.0.10"
+    with open(path, "r+b") as f:  # same inode, same size
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace(b"2.0.10", b"2.0.19"))
+    assert srv.request("GET", "/status")[1]["version"] == "2.0.19"
+    assert srv.request("GET", "/version")[1]["version"] == "2.0.19"
+    with open(path + ".new", "w") as f:  # a new file over the old one
+        json.dump({"name": "@proxmox-ai-control/hub", "version": "2.0.20"}, f)
+    os.replace(path + ".new", path)
+    assert srv.request("GET", "/status")[1]["version"] == "2.0.20"
+    os.unlink(path)
+    body = srv.request("GET", "/status")[1]
+    assert body["version"] is None and "does not exist" in body["version_error"]
+
+
 def test_start_and_stop_say_whether_anything_changed(srv):
     _, body, _ = srv.request("POST", "/start")
     assert body["changed"] is False and body["active_state"] == "active"
@@ -236,6 +256,40 @@ def test_a_bad_member_fails_at_once_even_if_the_nas_then_stalls(tmp_path):
         record = running.wait_update(60)
         assert record["state"] == "failed" and "absolute" in record["error"], record
         assert time.monotonic() - started < 10, "the job waited on the stalled NAS"
+
+
+def test_many_clients_on_fresh_connections_never_fill_the_connection_limit(srv):
+    """32 clients, each opening a new connection per request and closing it after the answer
+    (HTTP/1.1, no `Connection: close`): the manager must see their closes, whatever the rate.
+    (It once kept accepting the reconnecting clients in one loop, never saw the closes, and
+    answered 503 'too many connections' to all of them within a second.)"""
+    import socket
+    request = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses, stop = [], time.monotonic() + 2
+
+    def client():
+        while time.monotonic() < stop:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                statuses.append(data[9:12])
+
+    threads = [threading.Thread(target=client) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(statuses) > 200 and set(statuses) == {b"200"}, \
+        f"{len(statuses)} answers: {sorted(set(statuses))}, {statuses.count(b'503')} of them 503"
+    deadline = time.monotonic() + 5
+    while srv.server.connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not srv.server.connections, f"{len(srv.server.connections)} connections left open"
 
 
 def test_head_answers_like_get_without_a_body(srv):
