@@ -1575,7 +1575,9 @@ def http_get(url, timeout, headers=None):
     its status; raises HttpClientError if there is no answer."""
     scheme, host, port, path = split_url(url)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        # bytes: a str host is encoded with the idna codec, which loads 0.2 MB of modules
+        name = host.encode("ascii") if host.isascii() else host.encode("idna")
+        sock = socket.create_connection((name, port), timeout=timeout)
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
         raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
@@ -2916,6 +2918,8 @@ class Api:
         path = request.path
         if request.method not in ("GET", "HEAD"):
             return False
+        if self.updater.job.lock.locked() or (self.rollout and self.rollout.job.lock.locked()):
+            return False  # a job is saving its record (perhaps with fsync): not worth a wait here
         if path == "/status":
             return self.systemd.fresh(self.systemd.STATUS_MAX_AGE)
         return path in ("/update", "/version")
@@ -3837,6 +3841,10 @@ class Client:
             if not self.as_json:
                 for entry in rollout.get("agents") or []:
                     state = entry.get("state")
+                    if state == "updating" and entry.get("agent") not in outcomes:
+                        outcomes[entry.get("agent")] = state
+                        self.stamp(f"agent {entry.get('agent')} (batch {entry.get('batch')}): "
+                                   "updating")
                     if state in AGENT_OUTCOMES and outcomes.get(entry.get("agent")) != state:
                         outcomes[entry.get("agent")] = state
                         change = f"{entry.get('from_version') or '?'} -> {entry.get('version')}"
@@ -4306,5 +4314,19 @@ def main(argv=None):
     return serve(settings)
 
 
+# How `serve` runs: Python keeps a script's syntax tree (about 8 MB for this file) until the script
+# returns, which the daemon never does; a module's tree is freed as soon as it is compiled. So the
+# daemon replaces this process (same PID, environment and arguments) with one that imports this
+# file as a module and runs it.
+LAUNCH = ("import sys, importlib.util as u; s = u.spec_from_file_location('backend_ai_manager', "
+          "sys.argv[1]); m = sys.modules[s.name] = u.module_from_spec(s); "
+          "s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))")
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", LAUNCH, os.path.abspath(__file__)] +
+                     sys.argv[1:])
+        except OSError:
+            pass  # run here, with the tree kept
     sys.exit(main())

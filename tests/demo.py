@@ -202,6 +202,7 @@ def fleet(lab, hub, prepared):
         print(f"    {entry['agent']:<15} reachable={entry['reachable']} running={entry['running']}"
               f" version={entry['version']} rtt={entry['rtt_ms']} ms")
 
+    LAB_DIR[:] = [lab.work]
     say("Deploying 2.0.12 with the client: `pack` the build into the NAS share for the hub and "
         "the agents, then `update` on the hub, which follows the hub's update and the rollout")
     build = nodehub.build(prepared, "2.0.12", os.path.join(lab.work, "build-2.0.12"))
@@ -219,15 +220,18 @@ def fleet(lab, hub, prepared):
     return 0 if answer["summary"]["versions"] == {"2.0.12": 2} else 1
 
 
+LAB_DIR = []  # the lab's folder, shown as $LAB in the client's lines
+
+
 def client(args):
     """Run the client (this checkout's backend_ai_manager.py) as an operator would, showing the
     command and its output as it comes; return its exit status."""
-    shown = [os.path.relpath(a, os.getcwd()) if os.path.isabs(a) and len(a) > 40 else a
-             for a in args]
-    print(f"{DIM}${RESET} python3 backend_ai_manager.py {' '.join(shown)}", flush=True)
+    shown = " ".join(args).replace(LAB_DIR[0], "$LAB") if LAB_DIR else " ".join(args)
+    print(f"{DIM}${RESET} python3 backend_ai_manager.py {shown}", flush=True)
     process = subprocess.Popen([sys.executable, BAM] + args, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
+        line = line.replace(LAB_DIR[0], "$LAB") if LAB_DIR else line
         print(f"  {line}", end="", flush=True)
     code = process.wait()
     if code != 0:

@@ -563,6 +563,10 @@ def test_update_on_a_hub_prints_each_agents_outcome(fleet):
     assert lines[-1] == "rollout succeeded: 3 agents: 3 succeeded", show(run)
     assert lines.index(f"update succeeded: version {version} is running") < \
         lines.index(outcomes[0].group(0)), show(run)
+    for m in outcomes:  # each agent's start is shown before its outcome
+        started = [i for i, line in enumerate(lines)
+                   if line.endswith(f"agent {m.group(1)} (batch {m.group(2)}): updating")]
+        assert len(started) == 1 and started[0] < lines.index(m.group(0)), show(run)
     hub.assert_installed(version)
     for agent in agents:
         agent.assert_installed(version)
