@@ -698,7 +698,7 @@ class Systemd:
 # CVE-2024-12718). Every member is checked and written by us into a fresh directory.
 # ============================================================================================
 
-CHUNK = 256 << 10  # the pieces the download, gunzip and extraction hand on
+CHUNK = 64 << 10  # the pieces the download, gunzip and extraction hand on (memory: see README)
 
 
 class Download:
