@@ -618,14 +618,16 @@ class Systemd:
             ["systemctl", "show", self.unit, "-p", ",".join(SHOW_PROPERTIES)], self.QUERY_TIMEOUT))
         return parse_show(result.out)
 
-    def show(self, max_age=0.0):
+    def show(self, max_age=0.0, wait=True):
         """The unit's properties: a cached result younger than max_age, or the call in flight,
-        or a new call."""
+        or a new call (without `wait`, only the cached result, else WouldWait)."""
         with self._lock:
             cached = self._cached
             if max_age and cached and cached[1] == self._generation \
                     and time.monotonic() - cached[0] <= max_age:
                 return dict(cached[2])
+            if not wait:
+                raise WouldWait()
             flight = self._flight
             leader = flight is None or flight.generation != self._generation
             if leader:
@@ -654,8 +656,8 @@ class Systemd:
         return bool(cached and cached[1] == self._generation
                     and time.monotonic() - cached[0] <= max_age)
 
-    def status(self, max_age=0.0):
-        props = self.show(max_age)
+    def status(self, max_age=0.0, wait=True):
+        props = self.show(max_age, wait)
         restarts = props.get("NRestarts", "")
         pid = props.get("MainPID", "0")
         return {
@@ -1532,10 +1534,10 @@ class HttpResponse:
                         return b""
                 data = self._raw(min(size, self._chunk_left))
                 if not data:
-                    return b""
+                    raise HttpClientError("truncated: the answer ended inside a chunk")
                 self._chunk_left -= len(data)
-                if self._chunk_left == 0:
-                    self._line()  # the CRLF after the chunk
+                if self._chunk_left == 0 and self._line() != b"":
+                    raise HttpClientError("malformed chunked answer")
                 return data
             if self._left is not None:
                 if self._left <= 0:
@@ -1543,6 +1545,9 @@ class HttpResponse:
                 size = min(size, self._left)
             data = self._raw(size)
             if self._left is not None:
+                if not data:
+                    raise HttpClientError(f"truncated: the answer ended {self._left} bytes "
+                                          "short of its Content-Length")
                 self._left -= len(data)
             return data
         except socket.timeout:
@@ -2115,10 +2120,15 @@ class JobRecord:
                 except OSError as e:
                     log.error("cannot write %s: %s", self.path, e)
 
-    def view(self, keys=None):
-        """A copy of the record, or of the given keys only."""
-        with self.lock:
+    def view(self, keys=None, wait=True):
+        """A copy of the record, or of the given keys only (without `wait`, WouldWait if the
+        record is being changed or saved)."""
+        if not self.lock.acquire(blocking=wait):
+            raise WouldWait()
+        try:
             fields = json.loads(json.dumps(self.fields))
+        finally:
+            self.lock.release()
         return fields if keys is None else {k: fields.get(k) for k in keys}
 
     def _save(self, durable=False):
@@ -2161,8 +2171,8 @@ class Updater:
         self.releases = releases
         self.job = JobRecord(os.path.join(settings.state_dir, "update.json"), WORKING_STATES)
 
-    def view(self, summary=False):
-        return self.job.view(SUMMARY_FIELDS if summary else None)
+    def view(self, summary=False, wait=True):
+        return self.job.view(SUMMARY_FIELDS if summary else None, wait)
 
     def busy(self):
         return self.job.working()
@@ -2671,9 +2681,9 @@ class Rollout:
     def running(self):
         return self.job.working()
 
-    def view(self):
+    def view(self, wait=True):
         return self.job.view(("state", "version", "error", "counts", "step", "started_at",
-                              "finished_at", "agents"))
+                              "finished_at", "agents"), wait)
 
     def begin(self, version, after_hub):
         """Record a new rollout of `version` (pending until the hub's own update succeeded,
@@ -2857,6 +2867,11 @@ class Rollout:
 MAX_BODY = 4096
 
 
+class WouldWait(Exception):
+    """An answer made by the connection thread (Api.instant) would have to wait for a lock or a
+    systemctl call: a worker makes it instead."""
+
+
 class HttpError(ManagerError):
     """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
     a missing token, a refused client."""
@@ -2918,14 +2933,13 @@ class Api:
         path = request.path
         if request.method not in ("GET", "HEAD"):
             return False
-        if self.updater.job.lock.locked() or (self.rollout and self.rollout.job.lock.locked()):
-            return False  # a job is saving its record (perhaps with fsync): not worth a wait here
         if path == "/status":
             return self.systemd.fresh(self.systemd.STATUS_MAX_AGE)
         return path in ("/update", "/version")
 
     def respond(self, request, error=None):
-        """The whole answer to a parsed request (or to the error its parsing raised)."""
+        """The whole answer to a parsed request (or to the error its parsing raised); None if
+        the request is `instant` and answering it would have to wait (WouldWait)."""
         headers = {}
         try:
             if error is not None:
@@ -2940,6 +2954,8 @@ class Api:
                                 {"Allow": ", ".join(methods)})
             method = "GET" if request.method == "HEAD" else request.method
             status, payload = self.routes[(method, request.path)](request)
+        except WouldWait:
+            return None
         except Exception as e:
             if not isinstance(e, ManagerError):
                 log.exception("%s %s failed", request.method, (request.target or "")[:200])
@@ -2956,12 +2972,13 @@ class Api:
                                 {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
 
     def status(self, request):
-        result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE)
+        wait = not request.instant
+        result = self.systemd.status(max_age=self.systemd.STATUS_MAX_AGE, wait=wait)
         try:
             result["version"], result["name"] = installed_version(self.settings)
         except ManagerError as e:
             result["version"], result["name"], result["version_error"] = None, None, e.message
-        result["update"] = self.updater.view(summary=True)
+        result["update"] = self.updater.view(summary=True, wait=wait)
         result["manager"] = {"version": __version__, "role": self.settings.role}
         return 200, result
 
@@ -3013,9 +3030,9 @@ class Api:
         return 200, answer
 
     def update_progress(self, request):
-        record = self.updater.view()
+        record = self.updater.view(wait=not request.instant)
         if self.rollout is not None and self.rollout.job.state != IDLE:
-            record["agents"] = self.rollout.view()
+            record["agents"] = self.rollout.view(wait=not request.instant)
         return 200, record
 
     def halt(self, request):
@@ -3066,10 +3083,11 @@ class HttpRequest:
     (HTTP/1.0 without keep-alive, `Connection: close`, or a body that could not be framed)."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "close",
-                 "client", "started")
+                 "client", "started", "instant")
 
     def __init__(self, client, started):
         self.client, self.started = client, started
+        self.instant = False  # answered by the connection thread: never wait (WouldWait)
         self.method = self.target = self.path = self.version = None
         self.query, self.headers, self.body, self.close = "", {}, b"", True
 
@@ -3106,6 +3124,9 @@ def parse_request(request, raw, problem):
     """Fill `request` from the raw bytes the Server framed (frame_request); raise HttpError
     (the connection then closes) for anything malformed. Strict where parsers disagree: a
     header line that is not `token: value` is refused rather than guessed at."""
+    # Closed after the answer unless the request turns out well-formed and says otherwise: any
+    # error below leaves it closed, so nothing after a bad head is read as another request.
+    request.close = True
     match = HEAD_END.search(raw)
     if not match:
         raise HttpError(431, f"request head over {MAX_HEAD} bytes")
@@ -3123,9 +3144,8 @@ def parse_request(request, raw, problem):
         if (int(version.group(1)), int(version.group(2))) not in ((1, 0), (1, 1)):
             raise HttpError(400, f"unsupported HTTP version in {line[:80]!r}: use HTTP/1.0 "
                                  "or HTTP/1.1")
-        request.close = request.version == "HTTP/1.0"
     elif len(words) == 2 and words[0] == "GET":  # the HTTP/0.9 form: answered, then closed
-        request.method, request.target, request.version = words[0], words[1], "HTTP/1.0"
+        request.method, request.target, request.version = words[0], words[1], "HTTP/0.9"
     else:
         raise HttpError(400, f"bad request line {line[:80]!r}")
     if len(lines) > 101:
@@ -3137,12 +3157,9 @@ def parse_request(request, raw, problem):
             raise HttpError(400, f"malformed header line {raw_line[:60]!r}")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
     connection = {t.strip().lower() for t in request.header("connection").split(",")}
-    if "close" in connection:
-        request.close = True
-    elif "keep-alive" in connection and len(words) == 3:
-        request.close = False
-    if problem == "close":
-        request.close = True
+    if problem != "close" and "close" not in connection:  # RFC 9112 9.3
+        request.close = not (request.version == "HTTP/1.1" or (
+            request.version == "HTTP/1.0" and "keep-alive" in connection))
     target = request.target
     if target[:7].lower() == "http://" or target[:8].lower() == "https://":
         target = "/" + target.split("//", 1)[1].partition("/")[2]  # absolute form
@@ -3473,11 +3490,14 @@ class Server:
                 error = None
             except Exception as e:
                 error = e
-            if error is not None or not self.api.instant(request) or self.stopping.is_set():
+            request.instant = error is None and not self.stopping.is_set() and \
+                self.api.instant(request)
+            data = self.api.respond(request) if request.instant else None
+            if data is None:  # a worker's: it may wait (systemctl, a lock, a job to start)
+                request.instant = False
                 self.selector.unregister(conn.sock)
                 self.jobs.put((conn, request, error))
                 return
-            data = self.api.respond(request)
             try:
                 sent = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -3511,7 +3531,11 @@ class Server:
                                                 else self.settings.request_timeout)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             if conn.buf:
-                self._hand_over(conn)  # a pipelined request already arrived
+                try:
+                    self._hand_over(conn)  # a pipelined request already arrived
+                except Exception:
+                    log.exception("request from %s failed", conn.address[0])
+                    self._close(conn)
 
     def _expire(self):
         now = time.monotonic()
@@ -3554,6 +3578,8 @@ class Server:
                 if isinstance(extra, bytes):
                     data = extra
                 else:
+                    if extra is not None:
+                        request.close = True  # nothing after a bad request is read
                     if self.stopping.is_set():
                         request.close = True
                     data = self.api.respond(request, extra)
@@ -4029,6 +4055,8 @@ def pack_release(build, kind, out, say=print):
             f.write(f"{digest.hexdigest()}  {os.path.basename(target)}\n")
             f.flush()
             os.fsync(f.fileno())
+        if os.path.lexists(f"{target}.sha256"):
+            os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
         os.replace(temp, target)
         os.replace(f"{target}.sha256.tmp-{os.getpid()}", f"{target}.sha256")
         _fsync_dir(folder)
@@ -4318,9 +4346,11 @@ def main(argv=None):
 # returns, which the daemon never does; a module's tree is freed as soon as it is compiled. So the
 # daemon replaces this process (same PID, environment and arguments) with one that imports this
 # file as a module and runs it.
-LAUNCH = ("import sys, importlib.util as u; s = u.spec_from_file_location('backend_ai_manager', "
-          "sys.argv[1]); m = sys.modules[s.name] = u.module_from_spec(s); "
-          "s.loader.exec_module(m); sys.exit(m.main(sys.argv[2:]))")
+# sys.path[0] is the file's folder, as for a script (under -c it would be the working directory).
+LAUNCH = ("import os, sys, importlib.util as u; sys.path[0] = os.path.dirname(sys.argv[1]); "
+          "s = u.spec_from_file_location('backend_ai_manager', sys.argv[1]); "
+          "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
+          "sys.exit(m.main(sys.argv[2:]))")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:

@@ -715,13 +715,13 @@ class FakeSystemd:
     def fresh(self, max_age):
         return self.instant_status
 
-    def show(self, max_age=0.0):
+    def show(self, max_age=0.0, wait=True):
         return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
                 "MainPID": "42" if self.active else "0", "NRestarts": "0", "LoadState": "loaded",
                 "ActiveEnterTimestamp": "Fri 2026-11-27 21:00:05 UTC"}
 
-    def status(self, max_age=0.0):
-        return bam.Systemd.status(self, max_age)
+    def status(self, max_age=0.0, wait=True):
+        return bam.Systemd.status(self, max_age, wait)
 
     def control(self, action):
         self.calls.append(action)

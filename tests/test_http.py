@@ -138,6 +138,46 @@ def test_transfer_encoding_is_refused_and_pipelined_request_is_not_smuggled(srv)
     assert srv.systemd.calls == []
 
 
+@pytest.mark.parametrize("bad_line", [
+    b"Transfer-Encoding : chunked",          # the framer strips the space, the parser refuses it
+    b"X: a\rContent-Length: 999",            # a lone CR inside a line
+    b"Content-Length: 99999999999\r\nNo colon here",
+])
+def test_a_bad_header_line_closes_the_connection_so_nothing_is_smuggled(srv, bad_line):
+    """A head the parser refuses is answered 400 and the connection closed, whatever the framer
+    made of it: the bytes after it are never read as a second request."""
+    answer = srv.raw(b"GET /status HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n"
+                     b"POST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request") or \
+        answer.split(b"\r\n")[0].endswith(b"413 Content Too Large"), answer
+    assert b"Connection: close" in answer, answer
+    assert srv.systemd.calls == []
+
+
+def test_a_request_waiting_for_a_lock_does_not_hold_up_the_others(srv):
+    """While the update record is locked (a job saving it), GET /status waits in a worker;
+    the connection thread goes on answering everyone else."""
+    done = {}
+
+    def status():
+        done["status"] = srv.request("GET", "/status")[0]
+
+    with srv.updater.job.lock:
+        waiting = threading.Thread(target=status)
+        waiting.start()
+        time.sleep(0.3)
+        assert "status" not in done  # it is waiting for the lock
+        started = time.monotonic()
+        assert srv.request("GET", "/version")[0] == 200
+        assert srv.request("GET", "/nope")[0] == 404
+        answered_in = time.monotonic() - started
+        assert "status" not in done
+    waiting.join(10)
+    assert done.get("status") == 200
+    assert answered_in < 2, f"other requests waited {answered_in:.1f} s for the locked one"
+
+
 def test_a_body_is_read_exactly_so_keep_alive_works(srv):
     body = b'{"version": "../x"}'
     two = (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
 import zlib
 
@@ -617,3 +618,32 @@ def test_an_archive_of_dot_extracts_and_dotdot_is_still_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(bam.ReleaseError, match="'..'"):
         extract(tmp_path / "x", [d("..")])
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef", b"abc"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n"
+     b"0\r\n\r\n", b"abcde"),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close", b"until the close"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "10 bytes|7 bytes short"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc", "inside a chunk"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY2\r\nde\r\n",
+     "malformed chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunked"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n", "without an answer"),
+])
+def test_http_client_reads_exactly_and_refuses_a_cut_short_answer(answer, expected):
+    """The manager's own HTTP client (the NAS, the health URL): a body ends at Content-Length or
+    the last chunk; one that ends early is an error, never a short success."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(answer)
+    try:
+        if isinstance(expected, bytes):
+            assert bam.HttpResponse(ours, b"").read() == expected
+        else:
+            with pytest.raises(bam.HttpClientError, match=expected):
+                bam.HttpResponse(ours, b"").read()
+    finally:
+        ours.close()
