@@ -1044,7 +1044,7 @@ def _tar_number(field):
         return -value if field[0] & 0x40 else value
     text = field.split(b"\0", 1)[0].strip()
     if not _OCTAL(text):
-        raise ReleaseError(f"release archive is damaged or cut short: bad number {text!r}")
+        raise ReleaseError(f"release tarball is damaged or cut short: bad number {text!r}")
     return int(text or b"0", 8)
 
 
@@ -1072,7 +1072,7 @@ class TarReader:
         while got < n:
             data = self._read(n - got)
             if not data:
-                raise ReleaseError("release archive is damaged or cut short: it ends inside "
+                raise ReleaseError("release tarball is damaged or cut short: it ends inside "
                                    "a member")
             parts.append(data)
             got += len(data)
@@ -1092,7 +1092,7 @@ class TarReader:
             return b""
         data = self._read(min(size or CHUNK, self._left))
         if not data:
-            raise ReleaseError("release archive is damaged or cut short: it ends inside a file")
+            raise ReleaseError("release tarball is damaged or cut short: it ends inside a file")
         self._left -= len(data)
         return data
 
@@ -1112,19 +1112,19 @@ class TarReader:
             if len(block) < 512:
                 block += self._exact(512 - len(block)) if block else b""
             if not block:
-                raise ReleaseError("release archive is damaged or cut short: no end marker")
+                raise ReleaseError("release tarball is damaged or cut short: no end marker")
             if block == self.ZERO:
                 self._check_end()
                 return
             stored = _tar_number(block[148:156])
             if stored != 256 + sum(block) - sum(block[148:156]) and stored != 256 + sum(
                     b - 256 if b > 127 else b for b in block[:148] + block[156:]):  # signed sum
-                raise ReleaseError("release archive is damaged or cut short: a header's "
+                raise ReleaseError("release tarball is damaged or cut short: a header's "
                                    "checksum is wrong")
             kind = block[156:157]
             size = _tar_number(block[124:136])
             if size < 0:
-                raise ReleaseError("release archive is damaged: a negative size")
+                raise ReleaseError("release tarball is damaged: a negative size")
             if kind in (XHDTYPE, XGLTYPE, SOLARIS_XHDTYPE, GNUTYPE_LONGNAME, GNUTYPE_LONGLINK):
                 self._extended += size
                 if size > MAX_EXTENDED_HEADER or self._extended > MAX_EXTENDED_TOTAL:
@@ -1172,16 +1172,16 @@ class TarReader:
         while pos < len(data):
             match = re.match(rb"(\d+) ", data[pos:pos + 20])
             if not match or int(match.group(1)) < len(match.group(0)) + 2:
-                raise ReleaseError("release archive is damaged: a bad pax header")
+                raise ReleaseError("release tarball is damaged: a bad pax header")
             end = pos + int(match.group(1))
             key, sep, value = data[pos + len(match.group(0)):end - 1].partition(b"=")
             if not sep or data[end - 1:end] != b"\n":
-                raise ReleaseError("release archive is damaged: a bad pax header")
+                raise ReleaseError("release tarball is damaged: a bad pax header")
             records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
                                                                            "surrogateescape")
             pos = end
         if "size" in records and not records["size"].isdigit():
-            raise ReleaseError("release archive is damaged: a bad pax size")
+            raise ReleaseError("release tarball is damaged: a bad pax size")
         return records
 
 
@@ -1313,7 +1313,7 @@ class Extractor:
             finally:
                 os.close(fd)
             if size != member.size:  # read() raises first if the stream ends early
-                raise ReleaseError(f"release archive is damaged: {path!r} has {size} of "
+                raise ReleaseError(f"release tarball is damaged: {path!r} has {size} of "
                                    f"{member.size} bytes")
         self.files.add(path)
         self.progress(len(self.files), self.written)
