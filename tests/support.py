@@ -710,10 +710,6 @@ class FakeSystemd:
         self.fail = None
 
     STATUS_MAX_AGE = 0
-    instant_status = True  # answers from memory: the server may answer /status itself
-
-    def fresh(self, max_age):
-        return self.instant_status
 
     def show(self, max_age=0.0, wait=True):
         return {"ActiveState": "active" if self.active else "inactive", "SubState": "running",
