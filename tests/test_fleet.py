@@ -203,6 +203,26 @@ def test_bad_agent_lists_are_refused(text):
         bam.parse_agents(text)
 
 
+def polls_until_seen(duration):
+    """The hub's polls of an agent whose update takes `duration` seconds: (how many, how late
+    the last one sees the end)."""
+    at, polls = 0.0, 0
+    while at < duration:
+        at += bam.agent_poll_interval(at)
+        polls += 1
+    return polls, at - duration
+
+
+@pytest.mark.parametrize("duration", [0.03, 0.4, 3.0, 45.0, 900.0])
+def test_an_agents_end_is_seen_soon_and_a_long_update_costs_few_polls(duration):
+    polls, late = polls_until_seen(duration)
+    # Seen at most 50 ms or a tenth of the time (1 s at most) after it ended...
+    assert late <= max(0.05, min(1.0, duration / 10)) + 1e-9, (duration, late)
+    # ... and never polled faster than every 50 ms, or more than about once a second later on.
+    assert polls <= duration / 0.05 + 1
+    assert polls <= 60 + duration, (duration, polls)
+
+
 # --- the rollout, against fake agent managers -------------------------------------------------
 
 class FakeManager(FakeAgent):
