@@ -560,7 +560,7 @@ class Host:
             try:
                 return self.api("GET", "/status")
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.05)
         log = self.sandbox.run(["journalctl", "-u", self.MANAGER_UNIT, "-n", "30", "--no-pager"])
         raise RuntimeError(f"manager did not answer on port {self.port}:\n{log.stdout}")
 
@@ -622,7 +622,7 @@ class Host:
             status, record = self.api("GET", "/update")
             if record["state"] not in bam.WORKING_STATES:
                 return record
-            time.sleep(0.2)
+            time.sleep(0.05)  # an answer made by the manager's connection thread: cheap
         raise AssertionError(f"update still running after {timeout} s: {record}")
 
     def service_info(self, timeout=10):
@@ -637,7 +637,7 @@ class Host:
             except OSError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+                time.sleep(0.05)
 
     def is_active(self, unit=None):
         return self.sandbox.is_active(unit or self.SERVICE)
