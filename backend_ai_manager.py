@@ -734,6 +734,9 @@ class Download:
             # read1: at most one recv, so the deadline is checked however slowly bytes arrive
             data = self.response.read1(min(size or CHUNK, CHUNK))
         except (OSError, HttpClientError) as e:
+            if time.monotonic() >= self.deadline:  # the response's reads stop at the deadline
+                raise ReleaseError("download took longer than the deadline "
+                                   "(--download-timeout)") from None
             reason = e.message if isinstance(e, HttpClientError) else e
             raise ReleaseError(f"download failed after {self.count} bytes: {reason}") from None
         if self.aborted:
@@ -1457,12 +1460,15 @@ def split_url(url):
 class HttpResponse:
     """The answer to http_get(): `status`, `reason`, `headers` (lower-case name -> value) and
     the body, de-chunked and bounded by Content-Length, through read1() (at most one recv) and
-    read(). A body cut short ends early: callers that care compare with Content-Length."""
+    read(). A body cut short ends early: callers that care compare with Content-Length. With a
+    `deadline` (time.monotonic()), no read waits past it: a server trickling its answer a byte
+    at a time cannot hold the caller longer."""
 
-    def __init__(self, sock, buffered):
+    def __init__(self, sock, buffered, timeout=None, deadline=None):
         self.sock = sock
         self._buf = buffered
         self._eof = False
+        self._timeout, self._deadline = timeout, deadline
         head = self._head()
         lines = head.decode("latin-1").split("\r\n")
         match = re.fullmatch(r"HTTP/1\.[01] ([0-9]{3})(?: (.*))?", lines[0])
@@ -1481,6 +1487,11 @@ class HttpResponse:
         self._chunk_left = 0
 
     def _recv(self):
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("past the deadline")
+            self.sock.settimeout(min(left, self._timeout or left))
         data = self.sock.recv(CHUNK)
         if not data:
             self._eof = True
@@ -1568,12 +1579,17 @@ class HttpResponse:
         self.close()
 
 
-def http_get(url, timeout, headers=None):
+def http_get(url, timeout, headers=None, deadline=None):
     """GET `url` over HTTP/1.1 (https:// through ssl, imported only then), without proxies,
-    without following redirects; `timeout` per socket operation. Returns the HttpResponse, whatever
-    its status; raises HttpClientError if there is no answer."""
+    without following redirects; `timeout` per socket operation, and no wait past `deadline`
+    (time.monotonic(); None: no overall limit). Returns the HttpResponse, whatever its status;
+    raises HttpClientError if there is no answer."""
     scheme, host, port, path = split_url(url)
     try:
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise socket.timeout("past the deadline")
         # bytes: a str host is encoded with the idna codec, which loads 0.2 MB of modules
         name = host.encode("ascii") if host.isascii() else host.encode("idna")
         sock = socket.create_connection((name, port), timeout=timeout)
@@ -1593,7 +1609,7 @@ def http_get(url, timeout, headers=None):
                  f"User-Agent: backend-ai-manager/{__version__}", "Accept-Encoding: identity",
                  "Connection: close"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return HttpResponse(sock, b"")
+        return HttpResponse(sock, b"", timeout, deadline)
     except HttpClientError:
         sock.close()
         raise
@@ -1604,11 +1620,11 @@ def http_get(url, timeout, headers=None):
         raise HttpClientError(f"no answer from {host}:{port}: {reason}") from None
 
 
-def health_check(url, timeout, redirects=5):
+def health_check(url, timeout, redirects=5, deadline=None):
     """The HTTP status of GET `url`, following up to `redirects` redirects (a health URL may
-    point at a login page or a trailing slash)."""
+    point at a login page or a trailing slash), all of it before `deadline` if given."""
     for _ in range(redirects + 1):
-        with http_get(url, timeout) as response:
+        with http_get(url, timeout, deadline=deadline) as response:
             location = response.headers.get("location", "")
             if response.status not in (301, 302, 303, 307, 308) or not location:
                 return response.status
@@ -1624,11 +1640,11 @@ def health_check(url, timeout, redirects=5):
     raise HttpClientError(f"more than {redirects} redirects")
 
 
-def open_url(url, timeout):
+def open_url(url, timeout, deadline=None):
     """GET a file of the NAS; returns the 200 response or raises ReleaseError (NoSuchRelease for
     HTTP 404). A redirect is an error: the NAS is a plain file server."""
     try:
-        response = http_get(url, timeout)
+        response = http_get(url, timeout, deadline=deadline)
     except HttpClientError as e:
         raise ReleaseError(f"cannot download {url}: {e.message}") from None
     if response.status == 200:
@@ -2231,11 +2247,11 @@ class Updater:
         deadline = time.monotonic() + s.download_timeout
         per_op = max(1.0, min(30.0, s.download_timeout))
         self.job.set(DOWNLOADING, f"downloading {url}")
-        expected = self._checksum(url, per_op)
+        expected = self._checksum(url, per_op, deadline)
         flusher = Flusher(staging)  # before anything is written: see Flusher
         try:
             try:
-                response = open_url(url, per_op)
+                response = open_url(url, per_op, deadline)
             except NoSuchRelease:
                 raise NoSuchRelease(f"the NAS has no release {version}: {url} answered 404") \
                     from None
@@ -2260,9 +2276,9 @@ class Updater:
         finally:
             flusher.close()
 
-    def _checksum(self, url, timeout):
+    def _checksum(self, url, timeout, deadline):
         try:
-            with open_url(url + ".sha256", timeout) as response:
+            with open_url(url + ".sha256", timeout, deadline) as response:
                 text = response.read(4096).decode("ascii", "replace")
         except NoSuchRelease:
             if self.settings.require_checksum:
@@ -2353,7 +2369,7 @@ class Updater:
         error = None
         while time.monotonic() < deadline:
             try:
-                status = health_check(url, timeout=5)
+                status = health_check(url, timeout=5, deadline=deadline)
                 if 200 <= status < 300:
                     return
                 error = f"HTTP {status}"

@@ -9,6 +9,8 @@ import logging
 import os
 import socket
 import tarfile
+import threading
+import time
 import zlib
 
 import pytest
@@ -647,3 +649,61 @@ def test_http_client_reads_exactly_and_refuses_a_cut_short_answer(answer, expect
                 bam.HttpResponse(ours, b"").read()
     finally:
         ours.close()
+
+
+class Trickler:
+    """A server on loopback that sends `answer` one byte every `pause` seconds to each client."""
+
+    def __init__(self, answer, pause=0.2):
+        self.answer, self.pause = answer, pause
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/health"
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            for i in range(len(self.answer)):
+                if self.done.wait(self.pause):
+                    return
+                try:
+                    conn.sendall(self.answer[i:i + 1])
+                except OSError:
+                    return
+
+    def close(self):
+        self.done.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("call", ["health_check", "open_url", "check_url"])
+def test_a_trickling_server_cannot_hold_a_call_past_its_deadline(call):
+    """Each read waits less than the per-read timeout (1 s), yet the whole answer would take
+    about 10 s: the call ends at its deadline (1.5 s) all the same."""
+    server = Trickler(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Pad: " + b"p" * 20 + b"\r\n\r\n")
+    started = time.monotonic()
+    try:
+        if call == "health_check":
+            with pytest.raises(bam.HttpClientError, match="timed out"):
+                bam.health_check(server.url, timeout=1, deadline=started + 1.5)
+        elif call == "open_url":
+            with pytest.raises(bam.ReleaseError, match="timed out"):
+                bam.open_url(server.url, 1, deadline=started + 1.5)
+        else:  # the update's health gate: unhealthy once its time is up, not 10 s later
+            updater = bam.Updater.__new__(bam.Updater)
+            with pytest.raises(bam.Unhealthy, match="did not answer 2xx within 1.5 s"):
+                updater._check_url(server.url, 1.5)
+        took = time.monotonic() - started
+        assert 1.4 < took < 3.0, took
+    finally:
+        server.close()
