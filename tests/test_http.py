@@ -383,11 +383,16 @@ def test_a_release_that_fails_the_health_gate_is_rolled_back(fleet_host):
 
 
 def test_a_health_url_that_does_not_answer_2xx_rolls_back(tmp_path, fleet_host):
+    """The new release's health URL answers 503 (for the whole of --settle + 5 s); the old one's
+    answers 200 again, so the rollback's own check passes."""
     import http.server
+    seen = []
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(503)
+            version = installed(running)
+            seen.append(version)
+            self.send_response(503 if version == "2.0.11" else 200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -403,7 +408,9 @@ def test_a_health_url_that_does_not_answer_2xx_rolls_back(tmp_path, fleet_host):
                      health_url=f"http://127.0.0.1:{health.server_address[1]}/health") as running:
             record = update(running, {"version": "2.0.11"})
             assert record["state"] == "rolled_back" and "HTTP 503" in record["error"], record
+            assert "not healthy either" not in record["error"], record
             assert installed(running) == "2.0.10"
+            assert seen.count("2.0.11") >= 5 and seen[-1] == "2.0.10", seen
     finally:
         health.shutdown()
 
