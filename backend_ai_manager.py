@@ -3128,17 +3128,37 @@ def _unquote(text):
     return raw.decode("utf-8", "replace")
 
 
-def parse_request(request, raw, problem):
-    """Fill `request` from the raw bytes the Server framed (frame_request); raise HttpError
-    (the connection then closes) for anything malformed. Strict where parsers disagree: a
-    header line that is not `token: value` is refused rather than guessed at."""
-    # Closed after the answer unless the request turns out well-formed and says otherwise: any
-    # error below leaves it closed, so nothing after a bad head is read as another request.
-    request.close = True
-    match = HEAD_END.search(raw)
-    if not match:
-        raise HttpError(431, f"request head over {MAX_HEAD} bytes")
-    head, body = raw[:match.start()], raw[match.end():]
+def read_request(buf, client):
+    """The first request in `buf`: (bytes it takes, HttpRequest, None), or (bytes, HttpRequest,
+    the error to answer) for a request refused as malformed, or None while more bytes are
+    needed. Framing and parsing are one step: the body's length comes from the headers the
+    strict parser accepted, so no request can be framed one way and parsed another (request
+    smuggling). A refused request closes its connection after the answer (request.close), so
+    nothing after it is read as another request."""
+    match = HEAD_END.search(buf)
+    if not match and len(buf) <= MAX_HEAD:
+        return None
+    request = HttpRequest(client, time.monotonic())
+    end = match.end() if match else len(buf)
+    try:
+        if not match or match.start() > MAX_HEAD:
+            raise HttpError(431, f"request head over {MAX_HEAD} bytes")
+        parse_head(request, bytes(buf[:match.start()]))
+        length = body_length(request)
+    except ManagerError as e:
+        request.close = True
+        return end, request, e
+    if len(buf) < end + length:
+        return None
+    request.body = bytes(buf[end:end + length])
+    return end + length, request, None
+
+
+def parse_head(request, head):
+    """Fill `request` from its head (the bytes before the empty line); raise HttpError for
+    anything malformed. Strict where parsers disagree: a header line that is not
+    `token: value`, or one continued on the next line (obsolete folding, RFC 9112 5.2), is
+    refused rather than guessed at."""
     lines = head.split(b"\n")
     line = lines[0].rstrip(b"\r").decode("latin-1")
     if len(line) > 65536:
@@ -3160,12 +3180,14 @@ def parse_request(request, raw, problem):
         raise HttpError(431, "more than 100 header lines")
     headers = request.headers
     for raw_line in lines[1:]:
+        if raw_line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "folded header lines are not accepted")
         name, sep, value = raw_line.rstrip(b"\r").decode("latin-1").partition(":")
         if not sep or not TOKEN.fullmatch(name) or any(c in value for c in "\0\r"):
             raise HttpError(400, f"malformed header line {raw_line[:60]!r}")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
     connection = {t.strip().lower() for t in request.header("connection").split(",")}
-    if problem != "close" and "close" not in connection:  # RFC 9112 9.3
+    if "close" not in connection:  # RFC 9112 9.3
         request.close = not (request.version == "HTTP/1.1" or (
             request.version == "HTTP/1.0" and "keep-alive" in connection))
     target = request.target
@@ -3175,29 +3197,24 @@ def parse_request(request, raw, problem):
         target = "/" + target.lstrip("/")
     target = target.partition("#")[0]
     request.path, _, request.query = target.partition("?")
-    request.body = _body(request, body)
 
 
-def _body(request, data):
-    """Exactly Content-Length bytes; anything else would be parsed as the next request."""
+def body_length(request):
+    """The length of the body: exactly Content-Length bytes follow the head (none without
+    it). Transfer-Encoding, an odd or repeated Content-Length, or one over MAX_BODY cannot be
+    framed safely: an error, and the connection closes."""
     if request.headers.get("transfer-encoding"):
-        request.close = True
         raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
     lengths = request.headers.get("content-length") or []
     if not lengths:
-        return b""
+        return 0
     if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
-        request.close = True
         raise InvalidInput(f"invalid Content-Length {lengths!r}")
     length = int(lengths[0])
     if length > MAX_BODY:
-        request.close = True
         raise HttpError(413, f"request body of {length} bytes is over the limit of "
                              f"{MAX_BODY} bytes")
-    if len(data) != length:
-        request.close = True
-        raise InvalidInput("request body ended before Content-Length bytes")
-    return data
+    return length
 
 
 SERVER_HEADER = f"Server: backend-ai-manager/{__version__}\r\n".encode()
@@ -3258,38 +3275,6 @@ MAX_HEAD = 65536
 
 
 HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line (a bare LF ends a line too)
-
-
-def frame_request(buf):
-    """(length, problem) of the first request in buf, or (None, None) if more is needed.
-    problem None: an ordinary request of `length` bytes (head + exactly Content-Length).
-    problem "close": the body cannot be framed (Transfer-Encoding, odd, repeated or over-limit
-    Content-Length, endless head): only the head is handed over, the handler answers 400/413,
-    and the connection is closed whatever that answer says, so nothing after it can be read as
-    another request (request smuggling). problem "folded": a header continued on the next line
-    (obsolete folding, RFC 9112 5.2), which parsers disagree on: refused outright."""
-    match = HEAD_END.search(buf)
-    if not match:
-        return (len(buf), "close") if len(buf) > MAX_HEAD else (None, None)
-    end = match.end()
-    lengths = []
-    problem = None
-    for line in bytes(buf[:end]).split(b"\n")[1:]:
-        if line[:1] in (b" ", b"\t"):
-            return end, "folded"
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"transfer-encoding":
-            problem = "close"
-        elif name == b"content-length":
-            lengths.append(value.strip())
-    if problem or not lengths:
-        return end, problem
-    if len(lengths) > 1 or not re.fullmatch(rb"[0-9]{1,10}", lengths[0]) \
-            or int(lengths[0]) > MAX_BODY:
-        return end, "close"
-    total = end + int(lengths[0])
-    return (total, None) if len(buf) >= total else (None, None)
 
 
 def client_allowed(address, networks):
@@ -3478,26 +3463,14 @@ class Server:
         self._hand_over(conn)
 
     def _hand_over(self, conn):
-        """Frame and parse the next request of `conn`; answer it here if that needs no waiting
+        """Read the next request of `conn` (read_request); answer it here if that needs no waiting
         (Api.instant: one thread, no hand-over), else hand it to a worker."""
         while True:
-            length, problem = frame_request(conn.buf)
-            if length is None:
+            framed = read_request(conn.buf, conn.address[0])
+            if framed is None:
                 return
-            raw = bytes(conn.buf[:length])
+            length, request, error = framed
             del conn.buf[:length]
-            if problem == "folded":
-                self.selector.unregister(conn.sock)
-                self.connections.discard(conn)
-                self._refuse(conn.sock, conn.address, HttpError(400, "folded header lines are "
-                                                                "not accepted"))
-                return
-            request = HttpRequest(conn.address[0], time.monotonic())
-            try:
-                parse_request(request, raw, problem)
-                error = None
-            except Exception as e:
-                error = e
             request.instant = error is None and not self.stopping.is_set() and \
                 self.api.instant(request)
             data = self.api.respond(request) if request.instant else None

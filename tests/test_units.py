@@ -558,31 +558,43 @@ def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
 
 # --- request framing ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, expected, problem", [
+@pytest.mark.parametrize("raw, expected, status", [
     (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", "head", None),
     (b"GET /status HTTP/1.1\r\nHost: x\r\n", None, None),
     (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", None, None),
     (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET /", "head+5", None),
-    (b"POST /update HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "head", "close"),
-    (b"POST /u HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", "head", "close"),
-    (b"POST /u HTTP/1.1\r\nContent-Length: +1\r\n\r\nx", "head", "close"),
-    (b"POST /u HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", "head", "close"),
+    (b"POST /update HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "head", 400),
+    (b"POST /u HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", "head", 400),
+    (b"POST /u HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", "head", 400),
+    (b"POST /u HTTP/1.1\r\nContent-Length: +1\r\n\r\nx", "head", 400),
+    (b"POST /u HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", "head", 413),
+    (b"POST /u HTTP/1.1\r\nX-A: a\rContent-Length: 3\r\n\r\nabc", "head", 400),
+    (b"POST /u HTTP/1.1\r\nNoColon\r\nContent-Length: 3\r\n\r\nabc", "head", 400),
     (b"GET / HTTP/1.1\n\n", "head", None),
     (b"GET / HTTP/1.1\nHost: x\n\r\n", "head", None),          # LF lines, CRLF end
     (b"GET / HTTP/1.1\n\nGET /v HTTP/1.1\r\n\r\n", "head", None),  # two pipelined
-    (b"POST /stop HTTP/1.1\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n", "head",
-     "folded"),
+    (b"POST /stop HTTP/1.1\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n", "head", 400),
 ])
-def test_request_framing(raw, expected, problem):
-    """A framed request is its head (up to the first empty line) plus exactly Content-Length
-    bytes; a body that cannot be framed safely leaves only the head, to be refused and closed."""
+def test_request_framing(raw, expected, status):
+    """A request is its head (up to the first empty line) plus exactly the Content-Length the
+    parser accepted; a head the parser refuses, or a body that cannot be framed safely, takes
+    only the head, is answered with an error and closes the connection."""
     head = bam.HEAD_END.search(raw)
-    want = None if expected is None else head.end() + int(expected.partition("+")[2] or 0)
-    assert bam.frame_request(bytearray(raw)) == (want, problem if want is not None else None)
+    framed = bam.read_request(bytearray(raw), "127.0.0.1")
+    if expected is None:
+        assert framed is None
+        return
+    length, request, error = framed
+    assert length == head.end() + int(expected.partition("+")[2] or 0)
+    if status is None:
+        assert error is None and request.body == raw[head.end():length]
+    else:
+        assert bam.error_answer(error)[0] == status and request.close
 
 
-def test_an_endless_head_is_handed_over_to_be_refused():
-    assert bam.frame_request(bytearray(b"GET /" + b"a" * 70000)) == (70005, "close")
+def test_an_endless_head_is_refused():
+    length, request, error = bam.read_request(bytearray(b"GET /" + b"a" * 70000), "x")
+    assert length == 70005 and error.status == 431 and request.close
 
 
 # --- damaged archives and resource limits ----------------------------------------------------
