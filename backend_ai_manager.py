@@ -734,6 +734,8 @@ class Download:
             # read1: at most one recv, so the deadline is checked however slowly bytes arrive
             data = self.response.read1(min(size or CHUNK, CHUNK))
         except (OSError, HttpClientError) as e:
+            if self.aborted:
+                raise ReleaseError("download stopped") from None
             if time.monotonic() >= self.deadline:  # the response's reads stop at the deadline
                 raise ReleaseError("download took longer than the deadline "
                                    "(--download-timeout)") from None
@@ -1488,10 +1490,7 @@ class HttpResponse:
 
     def _recv(self):
         if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("past the deadline")
-            self.sock.settimeout(min(left, self._timeout or left))
+            self.sock.settimeout(_time_left(self._timeout, self._deadline))
         data = self.sock.recv(CHUNK)
         if not data:
             self._eof = True
@@ -1557,6 +1556,8 @@ class HttpResponse:
             return data
         except socket.timeout:
             raise HttpClientError("timed out waiting for the server") from None
+        except OSError as e:  # a reset, a TLS error: as much an answer cut short
+            raise HttpClientError(f"the connection failed: {e.strerror or e}") from None
 
     def read(self, size=-1):
         """Up to `size` bytes (all if negative), through as many reads as that takes."""
@@ -1586,19 +1587,20 @@ def http_get(url, timeout, headers=None, deadline=None):
     raises HttpClientError if there is no answer."""
     scheme, host, port, path = split_url(url)
     try:
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                raise socket.timeout("past the deadline")
         # bytes: a str host is encoded with the idna codec, which loads 0.2 MB of modules
         name = host.encode("ascii") if host.isascii() else host.encode("idna")
-        sock = socket.create_connection((name, port), timeout=timeout)
+    except UnicodeError:
+        raise HttpClientError(f"cannot connect to {host[:100]!r}: not a valid host "
+                              "name") from None
+    try:
+        sock = _connect(name, port, timeout, deadline)
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
         raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
     try:
         if scheme == "https":
             import ssl
+            sock.settimeout(_time_left(timeout, deadline))
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1608,6 +1610,7 @@ def http_get(url, timeout, headers=None, deadline=None):
         lines = [f"GET {path} HTTP/1.1", f"Host: {netloc}",
                  f"User-Agent: backend-ai-manager/{__version__}", "Accept-Encoding: identity",
                  "Connection: close"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sock.settimeout(_time_left(timeout, deadline))
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         return HttpResponse(sock, b"", timeout, deadline)
     except HttpClientError:
@@ -1618,6 +1621,35 @@ def http_get(url, timeout, headers=None, deadline=None):
         reason = "timed out" if isinstance(e, socket.timeout) else (
             getattr(e, "strerror", None) or str(e))
         raise HttpClientError(f"no answer from {host}:{port}: {reason}") from None
+
+
+def _time_left(timeout, deadline):
+    """The timeout of the next socket operation: `timeout`, or less so as to end by
+    `deadline` (None: no overall limit); socket.timeout once the deadline has passed."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("past the deadline")
+    return left if timeout is None else min(timeout, left)
+
+
+def _connect(name, port, timeout, deadline):
+    """socket.create_connection, except that each address tried gets only the time left
+    before `deadline` (create_connection gives each the whole timeout: a name with an
+    unreachable IPv6 and a working IPv4 address would take twice as long)."""
+    error = OSError(f"no address for {name!r}")
+    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0,
+                                                              socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_time_left(timeout, deadline))
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
 
 
 def health_check(url, timeout, redirects=5, deadline=None):
@@ -2374,7 +2406,9 @@ class Updater:
                     return
                 error = f"HTTP {status}"
             except HttpClientError as e:
-                error = e.message
+                # A last try cut off by the deadline does not hide an earlier answer's status.
+                if error is None or time.monotonic() < deadline:
+                    error = e.message
             time.sleep(0.5)
         raise Unhealthy(f"health URL {url} did not answer 2xx within {within:g} s: {error}")
 
@@ -3130,8 +3164,9 @@ def _unquote(text):
 
 def read_request(buf, client):
     """The first request in `buf`: (bytes it takes, HttpRequest, None), or (bytes, HttpRequest,
-    the error to answer) for a request refused as malformed, or None while more bytes are
-    needed. Framing and parsing are one step: the body's length comes from the headers the
+    the error to answer) for a request refused as malformed; None while the head is not whole,
+    (bytes, None, None) while its body is not (the caller waits for that many bytes instead
+    of parsing the head again at every read). Framing and parsing are one step: the body's length comes from the headers the
     strict parser accepted, so no request can be framed one way and parsed another (request
     smuggling). A refused request closes its connection after the answer (request.close), so
     nothing after it is read as another request."""
@@ -3149,7 +3184,7 @@ def read_request(buf, client):
         request.close = True
         return end, request, e
     if len(buf) < end + length:
-        return None
+        return end + length, None, None
     request.body = bytes(buf[end:end + length])
     return end + length, request, None
 
@@ -3268,6 +3303,7 @@ class _Connection:
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
         self.buf = bytearray()
+        self.need = 0  # bytes the request in buf takes, once its head is whole
         self.idle = True  # no byte of the next request has arrived yet
 
 
@@ -3466,10 +3502,16 @@ class Server:
         """Read the next request of `conn` (read_request); answer it here if that needs no waiting
         (Api.instant: one thread, no hand-over), else hand it to a worker."""
         while True:
+            if len(conn.buf) < conn.need:
+                return
             framed = read_request(conn.buf, conn.address[0])
             if framed is None:
                 return
             length, request, error = framed
+            if request is None:  # the head is whole, the body not yet
+                conn.need = length
+                return
+            conn.need = 0
             del conn.buf[:length]
             request.instant = error is None and not self.stopping.is_set() and \
                 self.api.instant(request)

@@ -561,7 +561,7 @@ def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
 @pytest.mark.parametrize("raw, expected, status", [
     (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", "head", None),
     (b"GET /status HTTP/1.1\r\nHost: x\r\n", None, None),
-    (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", None, None),
+    (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", "wait head+5", None),
     (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET /", "head+5", None),
     (b"POST /update HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "head", 400),
     (b"POST /u HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", "head", 400),
@@ -586,7 +586,9 @@ def test_request_framing(raw, expected, status):
         return
     length, request, error = framed
     assert length == head.end() + int(expected.partition("+")[2] or 0)
-    if status is None:
+    if expected.startswith("wait"):  # the head is whole: wait for `length` bytes
+        assert request is None and error is None
+    elif status is None:
         assert error is None and request.body == raw[head.end():length]
     else:
         assert bam.error_answer(error)[0] == status and request.close
@@ -719,3 +721,81 @@ def test_a_trickling_server_cannot_hold_a_call_past_its_deadline(call):
         assert 1.4 < took < 3.0, took
     finally:
         server.close()
+
+
+def full_listener(address):
+    """A listener whose accept queue is full: a new connection to it waits (its SYN dropped)."""
+    listener = socket.socket()
+    listener.bind((address, 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(listener.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    time.sleep(0.1)
+    return listener, fillers
+
+
+def test_the_deadline_covers_every_address_and_the_tls_handshake(monkeypatch):
+    """No step of the client waits past the deadline: two addresses of one name that both
+    hang do not get the time twice, and a TLS handshake after a slow connect gets only what
+    is left."""
+    hanging = [full_listener("127.0.0.1"), full_listener("127.0.0.2")]
+    ports = [listener.getsockname()[1] for listener, _ in hanging]
+    real = socket.getaddrinfo
+
+    def two_addresses(host, port, *args, **kwargs):
+        if host in (b"two.test", "two.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", ports[0])),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", ports[1]))]
+        return real(host, port, *args, **kwargs)
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (by the kernel), never answers: a TLS handshake waits
+    try:
+        monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+        started = time.monotonic()
+        with pytest.raises(bam.HttpClientError, match="timed out"):
+            bam.health_check("http://two.test/", timeout=5, deadline=started + 1.0)
+        assert time.monotonic() - started < 1.4
+
+        connect = bam._connect
+
+        def slow_connect(*args):
+            time.sleep(0.7)
+            return connect(*args)
+
+        monkeypatch.setattr(bam, "_connect", slow_connect)
+        started = time.monotonic()
+        with pytest.raises(bam.HttpClientError, match="timed out"):
+            bam.health_check(f"https://127.0.0.1:{silent.getsockname()[1]}/", timeout=5,
+                             deadline=started + 1.0)
+        assert time.monotonic() - started < 1.4
+    finally:
+        silent.close()
+        for listener, fillers in hanging:
+            listener.close()
+            for filler in fillers:
+                filler.close()
+
+
+def test_the_client_turns_a_bad_host_and_a_reset_into_its_own_error():
+    """Callers catch HttpClientError (a health gate rolls back on it); a redirect to a name the
+    idna codec refuses, or a reset in the middle of a body, must not escape as anything else."""
+    with pytest.raises(bam.HttpClientError, match="not a valid host name"):
+        bam.http_get("http://\u00e9..x/", timeout=1)
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    ours.sendall(b"x")  # unread by the peer: its close resets the connection
+    theirs.close()
+    try:
+        with pytest.raises(bam.HttpClientError, match="connection failed"):
+            bam.HttpResponse(ours, b"").read()
+    finally:
+        ours.close()
