@@ -3304,6 +3304,7 @@ class _Connection:
         self.sock, self.address, self.deadline = sock, address, deadline
         self.buf = bytearray()
         self.need = 0  # bytes the request in buf takes, once its head is whole
+        self.linger = False  # answered a refused request: drain, then close
         self.idle = True  # no byte of the next request has arrived yet
 
 
@@ -3462,11 +3463,16 @@ class Server:
         except OSError:
             sock.close()
             return
-        # Lingering close: closing with the client's request still unread would send a reset
-        # that can destroy this answer in flight; read and drop what comes for up to 2 s.
+        self._drain_then_close(sock)
+
+    def _drain_then_close(self, sock):
+        """Lingering close of a socket shut for writing: closing with the client's request still
+        unread would send a reset that can destroy the answer in flight; read and drop what
+        comes for up to 2 s (at most 256 sockets at once), then close."""
         if len(self.lingering) >= 256:
             sock.close()
             return
+        sock.setblocking(False)
         self.lingering[sock] = time.monotonic() + 2
         self.selector.register(sock, selectors.EVENT_READ, "linger")
 
@@ -3548,6 +3554,10 @@ class Server:
             if self.stopping.is_set():
                 self._close(conn)
                 continue
+            if conn.linger:  # answered and shut for writing: drain, then close
+                self.connections.discard(conn)
+                self._drain_then_close(conn.sock)
+                continue
             conn.sock.setblocking(False)
             conn.idle = not conn.buf
             conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
@@ -3595,7 +3605,7 @@ class Server:
                 self.jobs.task_done()
                 return
             conn, request, extra = job  # extra: the parse error, or the rest of an answer
-            keep = False
+            keep = linger = False
             try:
                 conn.sock.settimeout(self.WRITE_TIMEOUT)
                 if isinstance(extra, bytes):
@@ -3608,11 +3618,17 @@ class Server:
                     data = self.api.respond(request, extra)
                 conn.sock.sendall(data)
                 keep = not request.close
+                # A refused request may have more of itself unread: closing now would reset
+                # the connection, which can destroy the answer on its way to the client.
+                linger = not keep and extra is not None and not isinstance(extra, bytes)
+                if linger:
+                    conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
-                pass  # the client went away
+                linger = False  # the client went away
             except Exception:
                 log.exception("request from %s failed", conn.address[0])
-            if keep and not self.stopping.is_set():
+            if (keep or linger) and not self.stopping.is_set():
+                conn.linger = linger
                 self.returned.put(conn)
                 try:
                     self.wake_w.send(b"x")

@@ -496,3 +496,42 @@ def test_a_start_deletes_releases_a_crash_left_beyond_keep_backups(tmp_path):
         releases.install_dir, releases.state_dir))
     updater.recover()
     assert updater.releases.ids() == kept
+
+
+def test_a_refused_request_still_being_sent_gets_its_answer_and_a_clean_close(tmp_path):
+    """A POST refused at its head (Transfer-Encoding) while the client is still sending its
+    megabyte of body: the manager answers 400, stops writing, drops what still comes, then
+    closes. Closing at once with the body unread would reset the connection, and a reset can
+    destroy the answer on its way (here the client saw the 400, then a reset)."""
+    import socket
+    running = Running(tmp_path)
+    outcomes = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+
+            def send():
+                try:
+                    sock.sendall(b"POST /update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                                 b"chunked\r\n\r\n100000\r\n" + b"x" * (1 << 20))
+                except OSError:
+                    pass
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = b""
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    got += data
+                outcomes.append((got.split(b"\r\n")[0], "end"))
+            except ConnectionResetError:
+                outcomes.append((got.split(b"\r\n")[0], "reset"))
+            sender.join()
+            sock.close()
+    finally:
+        running.close()
+    assert outcomes == [(b"HTTP/1.1 400 Bad Request", "end")] * 5, outcomes
+    assert running.systemd.calls == []
