@@ -569,7 +569,8 @@ def parse_show(text):
 
 
 def parse_timestamp(text):
-    """'Fri 2026-11-27 21:00:00 UTC' (systemctl with TZ=UTC) -> '2026-11-27T21:00:00Z'; '' -> None."""
+    """'Fri 2026-11-27 21:00:00 UTC' (systemctl with TZ=UTC) -> '2026-11-27T21:00:00Z';
+    '' -> None."""
     match = re.match(r"^\w{3} (\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC$", text.strip())
     if match:
         return f"{match.group(1)}T{match.group(2)}Z"
@@ -2633,8 +2634,8 @@ def _text(value, limit=500):
 def agent_status(call):
     """GET /agents' entry for one agent's GET /status call, every field checked."""
     entry = {"agent": call.agent, "reachable": call.answered, "running": None,
-             "active_state": None, "since": None, "version": None, "update": None, "rtt_ms": call.rtt_ms,
-             "error": call.error}
+             "active_state": None, "since": None, "version": None, "update": None,
+             "rtt_ms": call.rtt_ms, "error": call.error}
     if call.status is None:
         return entry
     payload = call.payload
@@ -3166,10 +3167,10 @@ def read_request(buf, client):
     """The first request in `buf`: (bytes it takes, HttpRequest, None), or (bytes, HttpRequest,
     the error to answer) for a request refused as malformed; None while the head is not whole,
     (bytes, None, None) while its body is not (the caller waits for that many bytes instead
-    of parsing the head again at every read). Framing and parsing are one step: the body's length comes from the headers the
-    strict parser accepted, so no request can be framed one way and parsed another (request
-    smuggling). A refused request closes its connection after the answer (request.close), so
-    nothing after it is read as another request."""
+    of parsing the head again at every read). Framing and parsing are one step: the body's
+    length comes from the headers the strict parser accepted, so no request can be framed one
+    way and parsed another (request smuggling). A refused request closes its connection after
+    the answer (request.close), so nothing after it is read as another request."""
     match = HEAD_END.search(buf)
     if not match and len(buf) <= MAX_HEAD:
         return None
@@ -3999,8 +4000,9 @@ def tar_header(name, kind, size=0, mode=0o644, linkname=""):
 
 
 def walk_build(build):
-    """(name, kind, path) of every entry below `build`, folders before their contents, names
-    sorted; refuses what a release cannot hold. Never follows a symlink."""
+    """(name, kind, path, stat, link target) of every entry below `build`, folders before
+    their contents, names sorted; refuses what a release cannot hold. Never follows a
+    symlink."""
     entries = []
 
     def visit(folder, prefix):
@@ -4031,7 +4033,7 @@ def pack_release(build, kind, out, say=print):
     """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
     package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
     so the same build gives the same bytes. Checks the tarball with the manager's own
-    extractor before it replaces anything; returns the tarball's path."""
+    extractor before it replaces anything; returns the tarball's path and SHA-256."""
     build = os.path.abspath(build)
     try:
         version, package_name = read_package_json(os.path.join(build, "package.json"))

@@ -4,6 +4,7 @@ Imported by tests/conftest.py, tests/demo.py and bench/ with `sys.path.insert(0,
 Standard library only.
 """
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -645,6 +646,44 @@ class Host:
     def main_pid(self):
         out = self.sandbox.systemctl("show", self.SERVICE, "-p", "MainPID").stdout
         return int(out.strip().split("=")[1])
+
+
+def fleet_hosts(sandbox, base, nas, agents, token, hub_env, agent_name, hub_options=None,
+                **options):
+    """A hub and its agents as Hosts, each with release 2.0.10 installed by hand and not yet
+    started (see started_hosts): one agent per address in `agents` ("127.0.x.y:3081"), named
+    agent_name(n) for n = 1, 2, ..., requiring the bearer token in the file `token`; a hub that
+    sends it, with `hub_env` and the agent list in the file base/agents (a comment line first).
+    `options` go to every Host, `hub_options` to the hub's only. Returns (hub, agents, list)."""
+    hosts = []
+    for n, agent in enumerate(agents, 1):
+        host = Host(sandbox, os.path.join(base, f"agent{n}"), nas, role="agent",
+                    name=agent_name(n), address=agent.split(":")[0], port=3081,
+                    env={"BACKEND_AI_TOKEN_FILE": token}, **options)
+        host.install_base("2.0.10")
+        hosts.append(host)
+    listed = os.path.join(base, "agents")
+    with open(listed, "w") as f:
+        f.write("# the fleet\n" + "\n".join(agents) + "\n")
+    hub = Host(sandbox, os.path.join(base, "hub"), nas, env=dict(
+        hub_env, BACKEND_AI_AGENTS=f"@{listed}", BACKEND_AI_AGENT_TOKEN_FILE=token),
+        **dict(options, **(hub_options or {})))
+    hub.install_base("2.0.10")
+    return hub, hosts, listed
+
+
+@contextlib.contextmanager
+def started_hosts(hosts):
+    """Start `hosts` in order; stop the ones started, whatever happens."""
+    started = []
+    try:
+        for host in hosts:
+            host.start()
+            started.append(host)
+        yield
+    finally:
+        for host in started:
+            host.stop()
 
 
 class Lab:

@@ -31,7 +31,7 @@ import pytest
 
 import nodehub
 import trees
-from support import MANAGER, Host, Nas, sha256_of
+from support import MANAGER, Host, Nas, fleet_hosts, sha256_of, started_hosts
 
 from conftest import INTERPRETERS, interpreter
 
@@ -134,31 +134,17 @@ def fleet(sandbox, work_dir):
     with open(token, "w") as f:
         f.write(TOKEN + "\n")
     os.chmod(token, 0o600)
-    agents = []
-    for n, agent in enumerate(AGENTS, 2):
-        h = Host(sandbox, os.path.join(base, f"agent{n}"), fleet_nas, python=PYTHON, settle=0.5,
-                 role="agent", name=f"client-{n}", address=agent.split(":")[0], port=3081,
-                 env={"BACKEND_AI_TOKEN_FILE": token})
-        h.install_base("2.0.10")
-        agents.append(h)
-    listed = os.path.join(base, "agents")
-    with open(listed, "w") as f:
-        f.write("\n".join(AGENTS) + "\n")
-    hub = Host(sandbox, os.path.join(base, "hub"), fleet_nas, python=PYTHON, settle=0.5,
-               name="client-hub", address=HUB_ADDRESS, port=3081,
-               env={"BACKEND_AI_AGENTS": f"@{listed}", "BACKEND_AI_AGENT_TOKEN_FILE": token,
-                    "BACKEND_AI_ROLLOUT_BATCHES": "1,100%", "BACKEND_AI_ROLLOUT_PARALLEL": "2",
-                    "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT": "60"})
-    hub.install_base("2.0.10")
-    started = []
+    hub, agents, _ = fleet_hosts(
+        sandbox, base, fleet_nas, AGENTS, token, {
+            "BACKEND_AI_ROLLOUT_BATCHES": "1,100%", "BACKEND_AI_ROLLOUT_PARALLEL": "2",
+            "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT": "60"},
+        agent_name=lambda n: f"client-{n}",
+        hub_options={"name": "client-hub", "address": HUB_ADDRESS, "port": 3081},
+        python=PYTHON, settle=0.5)
     try:
-        for h in agents + [hub]:
-            h.start()
-            started.append(h)
-        yield hub, agents
+        with started_hosts(agents + [hub]):
+            yield hub, agents
     finally:
-        for h in started:
-            h.stop()
         fleet_nas.stop()
         shutil.rmtree(base, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import Host, http_call
+from support import fleet_hosts, http_call, started_hosts
 
 PYTHON = "/usr/bin/python3"
 TOKEN = "fleet-token-0123456789abcdef"
@@ -26,32 +26,15 @@ def fleet(sandbox, nas, work_dir, node_hub):
     token = os.path.join(base, "token")
     with open(token, "w") as f:
         f.write(TOKEN + "\n")
-    agents = []
-    for n, agent in enumerate(AGENTS, 1):
-        host = Host(sandbox, os.path.join(base, f"agent{n}"), nas, python=PYTHON, settle=0.5,
-                    node=node_hub, role="agent", name=str(n), address=agent.split(":")[0],
-                    port=3081, env={"BACKEND_AI_TOKEN_FILE": token})
-        host.install_base("2.0.10")
-        agents.append(host)
-    listed = os.path.join(base, "agents")
-    with open(listed, "w") as f:
-        f.write("# the fleet\n" + "\n".join(AGENTS) + "\n")
-    hub = Host(sandbox, os.path.join(base, "hub"), nas, python=PYTHON, settle=0.5,
-               node=node_hub, env={"BACKEND_AI_AGENTS": f"@{listed}",
-                                   "BACKEND_AI_AGENT_TOKEN_FILE": token,
-                                   "BACKEND_AI_ROLLOUT_BATCHES": "1,2,100%",
-                                   "BACKEND_AI_ROLLOUT_PARALLEL": "2",
-                                   "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT": "120"})
-    hub.install_base("2.0.10")
-    started = []
+    hub, agents, listed = fleet_hosts(
+        sandbox, base, nas, AGENTS, token, {
+            "BACKEND_AI_ROLLOUT_BATCHES": "1,2,100%", "BACKEND_AI_ROLLOUT_PARALLEL": "2",
+            "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT": "120"},
+        agent_name=str, python=PYTHON, settle=0.5, node=node_hub)
     try:
-        for host in agents + [hub]:
-            host.start()
-            started.append(host)
-        yield hub, agents, listed
+        with started_hosts(agents + [hub]):
+            yield hub, agents, listed
     finally:
-        for host in started:
-            host.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
