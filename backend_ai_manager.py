@@ -127,6 +127,7 @@ COMMON_DEFAULTS = {
     "health_url": "",
     "token_file": "",
     "allow": "",
+    "allowed_hosts": "",
     "download_timeout": "600",
     "max_download_mb": "2048",
     "max_unpacked_mb": "8192",
@@ -223,17 +224,56 @@ def _nas_url(text):
     return text
 
 
+def read_token_file(path):
+    """(token, None) for a valid token file, or (None, what is wrong with it). A valid token is
+    at least 16 printable ASCII characters without whitespace; the whitespace around it (a
+    trailing newline) is dropped."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4097)
+    except OSError as e:
+        return None, f"cannot read it: {e.strerror}"
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None, "it holds non-ASCII bytes"
+    if not token:
+        return None, "it is empty"
+    if len(token) > 4096:
+        return None, "the token is over 4096 characters"
+    if any(not "!" <= c <= "~" for c in token):
+        return None, "the token holds whitespace or control characters"
+    if len(token) < 16:
+        return None, f"the token is {len(token)} characters; at least 16 are needed"
+    return token, None
+
+
 def _token_file(text):
     if text == "":
         return ""
-    try:
-        with open(text, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read it: {e.strerror}") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ValueError("the token must be at least 16 characters with no spaces")
+    problem = read_token_file(text)[1]
+    if problem:
+        raise ValueError(problem)
     return text
+
+
+HOST_NAME_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*$")
+
+
+def _allowed_hosts(text):
+    """'name,.domain' -> a frozenset of lower-case names ('.domain': any name under it);
+    '*' -> None, no check of Host names at all."""
+    if text.strip() == "*":
+        return None
+    names = set()
+    for part in text.split(","):
+        name = part.strip().lower().rstrip(".")
+        if not name:
+            continue
+        if not HOST_NAME_RE.fullmatch(name.lstrip(".")) or name.startswith(".."):
+            raise ValueError(f"{part.strip()!r} is not a DNS name (or .domain, or * alone)")
+        names.add(name)
+    return frozenset(names)
 
 
 AGENT_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]{1,253}))(?::([0-9]{1,5}))?$")
@@ -328,6 +368,9 @@ OPTIONS = [
     ("token_file", "--token-file", "BACKEND_AI_TOKEN_FILE", _token_file,
      "require 'Authorization: Bearer <token>'"),
     ("allow", "--allow", "BACKEND_AI_ALLOW", _networks, "clients outside these CIDRs get 403"),
+    ("allowed_hosts", "--allowed-hosts", "BACKEND_AI_ALLOWED_HOSTS", _allowed_hosts,
+     "DNS names accepted in Host besides localhost and this machine's names (.domain: any "
+     "name under it; *: no check)"),
     ("log_requests", "--log-requests", "BACKEND_AI_LOG_REQUESTS", _bool,
      "log every request (by default only those that change something, fail or are refused)"),
     ("download_timeout", "--download-timeout", "BACKEND_AI_DOWNLOAD_TIMEOUT", _seconds(86400),
@@ -372,10 +415,12 @@ class Settings:
         raise AttributeError("settings are frozen")
 
     def token(self):
-        return _read_token(self.token_file)
+        """The bearer token clients must send, None without --token-file; raises ConfigError
+        while the file is not valid (the manager then refuses every request: fail closed)."""
+        return _read_token(self.token_file, "--token-file")
 
     def agent_token(self):
-        return _read_token(self.agent_token_file)
+        return _read_token(self.agent_token_file, "--agent-token-file")
 
     def agent_list(self):
         """The agents, read afresh (an @FILE list changes without a restart); raises
@@ -386,15 +431,16 @@ class Settings:
             raise ConfigError(f"cannot read the agent list {self.agents!r}: {e}") from None
 
 
-def _read_token(path):
+def _read_token(path, flag):
     if not path:
         return None
-    return read_cached(path, _token_text)
-
-
-def _token_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+    try:
+        token, problem = read_cached(path, read_token_file)
+    except OSError as e:
+        token, problem = None, f"cannot read it: {e.strerror}"
+    if problem:
+        raise ConfigError(f"the token file {path} ({flag}) is not valid: {problem}")
+    return token
 
 
 _file_cache = {}
@@ -425,15 +471,20 @@ def resolve_settings(flags, environ):
     defaults = dict(COMMON_DEFAULTS, **ROLES[role])
     defaults["state_dir"] = f"/var/lib/backend-ai-manager/{role}"
     values = {"role": role, "title": ROLES[role]["title"]}
+    # Where each value came from, for `check`: {name: (text, "command line", a variable or
+    # "default")}.
+    values["sources"] = sources = {"role": (role, "command line" if flags.get("role") else
+                                            "BACKEND_AI_ROLE")}
     for name, flag, env, parse, _help in OPTIONS:
         if name == "role":
             continue
         if flags.get(name) is not None:
-            raw, origin = flags[name], flag
+            raw, origin = flags[name], "command line"
         elif env in environ:
             raw, origin = environ[env], env
         else:
             raw, origin = defaults[name], "default"
+        sources[name] = ("yes" if raw is True else raw, origin)
         if name in HUB_ONLY and role != "hub" and origin != "default":
             raise ConfigError(f"{flag} ({origin}) is a hub setting; an agent does not take it")
         if isinstance(raw, bool):
@@ -577,13 +628,42 @@ def parse_timestamp(text):
     return text.strip() or None
 
 
-class _SharedCall:
-    """One `systemctl show` in flight, whose result every concurrent caller takes."""
+class SingleFlight:
+    """One call at a time: callers that arrive while it runs wait and take its result (or its
+    error) instead of making their own. A caller of a newer generation does not join a call of
+    an older one, whose result may predate a change the caller knows of."""
 
-    def __init__(self, generation):
-        self.generation = generation
-        self.done = threading.Event()
-        self.result = self.error = None
+    class _Call:
+        def __init__(self, generation):
+            self.generation = generation
+            self.done = threading.Event()
+            self.result = self.error = None
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._call = None
+
+    def run(self, function, generation=0):
+        with self._lock:
+            call = self._call
+            leader = call is None or call.generation != generation
+            if leader:
+                call = self._call = self._Call(generation)
+        if leader:
+            try:
+                call.result = function()
+            except Exception as e:
+                call.error = e
+            finally:
+                with self._lock:
+                    if self._call is call:
+                        self._call = None
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error:
+            raise call.error
+        return call.result
 
 
 class Systemd:
@@ -601,7 +681,7 @@ class Systemd:
         self.control_timeout = control_timeout
         self._lock = threading.Lock()
         self._generation = 0
-        self._flight = None
+        self._shows = SingleFlight()
         self._cached = None  # (monotonic time, generation, props)
 
     def invalidate(self):
@@ -629,27 +709,15 @@ class Systemd:
                 return dict(cached[2])
             if not wait:
                 raise WouldWait()
-            flight = self._flight
-            leader = flight is None or flight.generation != self._generation
-            if leader:
-                flight = self._flight = _SharedCall(self._generation)
-        if leader:
-            try:
-                flight.result = self._show()
-            except ManagerError as e:
-                flight.error = e
-            finally:
-                with self._lock:
-                    if flight.result is not None and flight.generation == self._generation:
-                        self._cached = (time.monotonic(), flight.generation, flight.result)
-                    if self._flight is flight:
-                        self._flight = None
-                flight.done.set()
-        else:
-            flight.done.wait()
-        if flight.error:
-            raise flight.error
-        return dict(flight.result)
+            generation = self._generation
+
+        def show():
+            props = self._show()
+            with self._lock:
+                if generation == self._generation:
+                    self._cached = (time.monotonic(), generation, props)
+            return props
+        return dict(self._shows.run(show, generation))
 
     def status(self, max_age=0.0, wait=True):
         props = self.show(max_age, wait)
@@ -2944,6 +3012,73 @@ def error_answer(error):
     return status, {"success": False, "error": message}, headers
 
 
+def own_host_names(hosts_file="/etc/hosts"):
+    """This machine's names: `localhost`, its host name, and every name on the lines of
+    /etc/hosts that carry the host name (where Debian and Proxmox put the FQDN). Read from
+    files only: no DNS query at start (socket.getfqdn() can hang where DNS is broken)."""
+    hostname = socket.gethostname().lower().rstrip(".")
+    names = {"localhost", hostname, hostname.split(".")[0]}
+    try:
+        with open(hosts_file, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = [w.lower().rstrip(".") for w in line.split("#", 1)[0].split()[1:]]
+                if hostname in words or hostname.split(".")[0] in words:
+                    names.update(words)
+    except OSError:
+        pass
+    return frozenset(n for n in names if n)
+
+
+def host_name_problem(host, own, allowed):
+    """Why a request's `Host` header is refused (None if it is not). IP literals and an empty
+    Host pass; a DNS name must be one of `own` or `allowed` ('.domain' covers the names under
+    it; `allowed` None: no check). A page whose attacker-controlled name was re-pointed at
+    this manager (DNS rebinding) sends its own name here, so it can read no answer."""
+    if allowed is None or not host:
+        return None
+    name = host.lower()
+    if name.startswith("["):  # [IPv6]:port
+        name, _, port = name[1:].partition("]")
+        if not re.fullmatch(r"(?::[0-9]*)?", port):
+            name = host
+    elif name.count(":") == 1:  # name:port, IPv4:port; more colons: a bare IPv6 literal
+        name = name.partition(":")[0]
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    name = name.rstrip(".")
+    if name in own or name in allowed or any(
+            a.startswith(".") and name.endswith(a) for a in allowed):
+        return None
+    return (f"host name {host[:100]!r} is not one of this manager's names: if the manager is "
+            "reached by that name, add it to --allowed-hosts (BACKEND_AI_ALLOWED_HOSTS)")
+
+
+def cross_origin_problem(request):
+    """Why a request that can change something comes from another site's page (None if it
+    does not). Browsers send "simple" requests (form posts, fetch no-cors, sendBeacon) to
+    any site without asking it first; they say where such a request comes from in
+    Sec-Fetch-Site, or, older ones, in Origin. A request with neither header does not come
+    from a page (curl, scripts, a hub). The decision of Go's net/http CrossOriginProtection."""
+    if request.method in ("GET", "HEAD"):
+        return None
+    site = request.header("sec-fetch-site")
+    if site:
+        if site in ("same-origin", "none"):
+            return None
+        return f"cross-origin request refused: Sec-Fetch-Site is {site[:40]!r}"
+    origin = request.header("origin")
+    if not origin:
+        return None
+    scheme, sep, netloc = origin.partition("://")
+    if sep and netloc.lower() == request.header("host").lower():
+        return None
+    return (f"cross-origin request refused: Origin {origin[:100]!r} is not this manager "
+            f"({request.header('host')[:100]!r})")
+
+
 class Api:
     """The endpoints; each takes a Request and returns (status, dict)."""
 
@@ -2953,6 +3088,11 @@ class Api:
         self.updater = updater
         self.rollout = rollout  # a hub's
         self.jobs_lock = threading.Lock()  # checking that no job runs and starting one: one step
+        self.own_names = own_host_names()
+        self._host_checked = {}  # Host header -> its problem (None: fine), bounded
+        self._token_problem = None  # what the journal was last told about the token file
+        self._token_lock = threading.Lock()
+        self._agents_flight = SingleFlight()
         self.routes = {
             ("GET", "/status"): self.status,
             ("POST", "/start"): lambda r: self.control("start"),
@@ -3007,12 +3147,40 @@ class Api:
 
     def _access(self, request):
         # The allow list was checked when the connection was accepted (Server._accept).
-        token = self.settings.token()
+        host = request.header("host")
+        problem = self._host_checked.get(host, False)
+        if problem is False:
+            problem = host_name_problem(host, self.own_names, self.settings.allowed_hosts)
+            if len(self._host_checked) >= 64:
+                self._host_checked.clear()
+            self._host_checked[host] = problem
+        problem = problem or cross_origin_problem(request)
+        if problem:
+            raise HttpError(403, problem)
+        try:
+            token = self.settings.token()
+            self._token_is(None)
+        except ConfigError as e:
+            self._token_is(e.message)
+            raise HttpError(401, f"{e.message}; every request is refused until it is fixed",
+                            {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'}) from None
         if token:
             given = request.header("authorization")
             if not compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise HttpError(401, "missing or wrong bearer token",
                                 {"WWW-Authenticate": 'Bearer realm="backend-ai-manager"'})
+
+    def _token_is(self, problem):
+        """One journal line when the token file turns invalid (ERROR) or valid again."""
+        if problem == self._token_problem:
+            return
+        with self._token_lock:
+            if problem != self._token_problem:
+                self._token_problem = problem
+                if problem:
+                    log.error("%s: every request is refused until it is fixed", problem)
+                else:
+                    log.info("the token file %s is valid again", self.settings.token_file)
 
     def status(self, request):
         wait = not request.instant
@@ -3092,11 +3260,16 @@ class Api:
                      f"{record['version']} started", "update": record}
 
     def agents(self, request):
+        """Every agent's status; one fan-out at a time, whose answer every request that came
+        meanwhile shares (so this endpoint cannot multiply traffic to the agents)."""
+        return 200, self._agents_flight.run(self._agents_overview)
+
+    def _agents_overview(self):
         try:
             hub_version = installed_version(self.settings)[0]
         except ManagerError:
             hub_version = None
-        return 200, agents_overview(self.settings, hub_version)
+        return agents_overview(self.settings, hub_version)
 
     def version(self, request):
         version, name = installed_version(self.settings)
@@ -3222,6 +3395,8 @@ def parse_head(request, head):
         if not sep or not TOKEN.fullmatch(name) or any(c in value for c in "\0\r"):
             raise HttpError(400, f"malformed header line {raw_line[:60]!r}")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    if len(headers.get("host", ())) > 1:
+        raise HttpError(400, "more than one Host header")  # RFC 9112 3.2
     connection = {t.strip().lower() for t in request.header("connection").split(",")}
     if "close" not in connection:  # RFC 9112 9.3
         request.close = not (request.version == "HTTP/1.1" or (
@@ -3708,11 +3883,10 @@ class Client:
             raise ClientError("--host is empty", EXIT_USAGE)
         self.token = None
         if token_file:
-            try:
-                self.token = _token_text(token_file)
-            except OSError as e:
-                raise ClientError(f"cannot read --token-file {token_file}: {e.strerror}",
-                                  EXIT_USAGE) from None
+            self.token, problem = read_token_file(token_file)
+            if problem:
+                raise ClientError(f"--token-file {token_file} is not valid: {problem}",
+                                  EXIT_USAGE)
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -4212,13 +4386,16 @@ def build_parser():
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     daemon = commands.add_parser("serve", help="run the daemon")
+    checker = commands.add_parser("check", help="resolve and validate serve's settings as "
+                                  "serve would, print them, change nothing (exit 2 if invalid)")
     for name, flag, env, parse, text in OPTIONS:
-        if name in ("require_checksum", "log_requests"):
-            daemon.add_argument(flag, dest=name, action="store_const", const=True, default=None,
-                                help=f"{text} (${env})")
-        else:
-            daemon.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
-                                choices=list(ROLES) if name == "role" else None)
+        for command in (daemon, checker):
+            if name in ("require_checksum", "log_requests"):
+                command.add_argument(flag, dest=name, action="store_const", const=True,
+                                     default=None, help=f"{text} (${env})")
+            else:
+                command.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
+                                     choices=list(ROLES) if name == "role" else None)
     common = _Parser(add_help=False)
     common.add_argument("--host", default=os.environ.get("BACKEND_AI_HOST", "127.0.0.1:3081"),
                         help="the manager, HOST[:PORT] ($BACKEND_AI_HOST; default "
@@ -4311,6 +4488,63 @@ def raise_file_limit(settings):
     return settings.max_connections
 
 
+class StateDirLocked(ManagerError):
+    """Another manager runs on this state dir."""
+
+
+def lock_state_dir(state_dir):
+    """Take STATE/lock (flock(2), exclusive) for as long as this process lives, and write our
+    PID in it; returns the open descriptor. One manager per state dir: a second one would take
+    the first one's live update for an interrupted one and undo it. Raises StateDirLocked
+    naming the holder at once, without waiting; OSError if the state dir cannot be made."""
+    import fcntl
+    os.makedirs(state_dir, 0o755, exist_ok=True)
+    path = os.path.join(state_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirLocked(f"another manager (PID {holder}) holds the lock {path}: one "
+                             "manager per state dir (to check settings without running one: "
+                             "backend_ai_manager.py check ...)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def lock_holder(state_dir):
+    """The PID holding STATE/lock, read from /proc/locks (None: not held). Reads only."""
+    try:
+        st = os.stat(os.path.join(state_dir, "lock"))
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        words = line.split()
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == wanted:
+            return int(words[4]) if words[4].isdigit() else None
+    return None
+
+
+def check(settings, out=None):
+    """`check`: the settings as `serve` resolves them, where each came from, and whether a
+    manager holds the state dir. Reads only; 0."""
+    out = out or sys.stdout
+    for name, flag, env, _parse, _help in OPTIONS:
+        if name in HUB_ONLY and settings.role != "hub":
+            continue
+        text, origin = settings.sources[name]
+        out.write(f"{flag:<25} {text if text != '' else '(none)'}  ({origin})\n")
+    holder = lock_holder(settings.state_dir)
+    out.write(f"settings are valid; the state dir {settings.state_dir} is "
+              + (f"in use by the manager with PID {holder}\n" if holder else "not in use\n"))
+    return 0
+
+
 def serve(settings):
     setup_logging(settings.log_requests)
     systemd = Systemd(settings.service, settings.command_timeout)
@@ -4320,7 +4554,11 @@ def serve(settings):
     # manager was started with, what it writes is readable by all (the unit sets UMask=0022).
     os.umask(0o022)
     try:
+        lock = lock_state_dir(settings.state_dir)  # noqa: F841 (held until the process ends)
         updater.recover()
+    except StateDirLocked as e:
+        log.error("%s", e.message)
+        return 1
     except OSError as e:
         hint = ""
         if e.errno == errno.EROFS:
@@ -4373,14 +4611,14 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command != "serve":
+    if args.command not in ("serve", "check"):
         return run_client(args)
     try:
         settings = resolve_settings(vars(args), os.environ)
     except ConfigError as e:
         print(f"backend_ai_manager.py: error: {e}", file=sys.stderr)
         return 2
-    return serve(settings)
+    return check(settings) if args.command == "check" else serve(settings)
 
 
 # How `serve` runs: Python keeps a script's syntax tree (about 8 MB for this file) until the script

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import nodehub  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
-from support import INTERPRETERS, Nas, lab_dir, remove_lab_dir  # noqa: E402,F401
+from support import INTERPRETERS, Nas, Running, lab_dir, remove_lab_dir  # noqa: E402,F401
 
 
 def interpreter(label):
@@ -69,3 +69,11 @@ def node_hub(work_dir):
             pytest.fail(f"CI=true but the Node hub cannot be built: {reason}")
         pytest.skip(reason)
     return nodehub.prepare(work_dir)
+
+
+@pytest.fixture
+def srv(tmp_path):
+    """A manager in this process on a port of its own, with a stand-in for systemd."""
+    running = Running(tmp_path)
+    yield running
+    running.close()

@@ -283,7 +283,9 @@ def test_an_unreachable_manager_exits_4():
     (("status", "--host", "   "), "--host is empty"),
     (("status", "--host", "not a host!"), "invalid --host"),
     (("status", "--host", "127.0.0.1:1", "--token-file", "/nonexistent/token"),
-     "cannot read --token-file"),
+     "--token-file /nonexistent/token is not valid: cannot read it"),
+    (("status", "--host", "127.0.0.1:1", "--token-file", "/dev/null"),
+     "--token-file /dev/null is not valid: it is empty"),
 ])
 def test_usage_errors_exit_2(args, words):
     run = client(*args)

@@ -462,12 +462,12 @@ def test_raw_http11_connection_close_closes_at_once(host):
 
 
 @pytest.mark.parametrize("raw,status", [
-    (b"POST /update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"2\r\n{}\r\n0\r\n\r\n", 400),
-    (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", 400),
-    (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\n", 413),
+    (b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999\r\n\r\n", 413),
     (b"GARBAGE\r\n\r\n", 400),
-    (b"GET /status HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+    (b"GET /status HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", 400),
 ], ids=["chunked", "two-content-lengths", "body-over-limit", "bad-request-line", "http-2.0"])
 def test_raw_error_that_ends_the_connection_says_close(host, raw, status):
     with connect(host) as sock:

@@ -275,7 +275,7 @@ class Trickler(threading.Thread):
     """Holds connections that each sent half a request line and then send one byte a second;
     records when the server closes each one, and what it answered."""
 
-    TAIL = b"tus HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+    TAIL = b"tus HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000
 
     def __init__(self, socks, until):
         super().__init__(daemon=True)
@@ -393,7 +393,7 @@ def test_idle_and_keepalive_connections_are_closed(host):
     with socket.create_connection(("127.0.0.1", host.port), timeout=5) as silent, \
             socket.create_connection(("127.0.0.1", host.port), timeout=5) as kept:
         opened = time.monotonic()
-        kept.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, closed = receive(kept, 5, responses=1)
         assert statuses(data) == [200] and not closed, data
         answered = time.monotonic()
@@ -485,15 +485,15 @@ def test_log_requests_shows_every_get_at_debug(host):
 # ---------------------------------------------------------------------------------------------
 
 def post_update(headers, body):
-    return (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body)
 
 
-SMUGGLED_STOP = b"POST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+SMUGGLED_STOP = b"POST /stop HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
 
 
 def test_a_request_inside_a_body_is_not_a_second_request(host):
-    inner = b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+    inner = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     data, _ = exchange(host, post_update([b"Content-Length: %d" % len(inner)], inner), timeout=2)
     assert statuses(data) == [400] and one_response(data), data  # the body was not a request
     assert b"@proxmox-ai-control/hub" not in data
@@ -565,7 +565,9 @@ PATHS = [b"/status", b"/version", b"/logs", b"/update", b"/start", b"/stop", b"/
 VERSIONS = [b"HTTP/1.1"] * 6 + [b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b"HTTP/3", b"HTTP/1.1.1",
                                 b"HTTP/", b"http/1.1", b"HTTP/1.01", b"HTTP/99999999999.1",
                                 b"HTTP/1.1 extra", b"HTTP/\xff", b""]
-HEADERS = [b"Host: x", b"Host: x", b"Connection: close", b"Connection: keep-alive",
+HEADERS = [b"Host: 127.0.0.1", b"Host: 127.0.0.1", b"Host: rebind.attacker.example",
+           b"Host: [::1]:3081", b"Host: LOCALHOST.:3081", b"Host: \xff", b"Origin: null",
+           b"Origin: http://127.0.0.2:8000", b"Sec-Fetch-Site: cross-site", b"Connection: close", b"Connection: keep-alive",
            b"Connection: upgrade", b"Upgrade: h2c", b"Expect: 100-continue", b"Expect: 999-nope",
            b"Accept: */*", b"Authorization: Bearer nope", b"Authorization: \x00",
            b"Transfer-Encoding: chunked", b"Transfer-Encoding: identity", b"Content-Length: -1",
@@ -768,7 +770,7 @@ def test_type_notify_start_returns_once_the_port_listens(host):
         sock = None
     try:
         assert sock is not None, "'systemctl start' returned before the manager listened"
-        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, _ = receive(sock, 5, responses=1)
         assert statuses(data) == [200], data
     finally:
@@ -793,7 +795,7 @@ def test_connection_cap_answers_503_then_recovers(hosts):
         with socket.create_connection(("127.0.0.1", capped.port), timeout=5) as extra:
             data, closed = receive(extra, 2)  # "immediate": no request needed
             if not data and not closed:
-                extra.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+                extra.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 data, closed = receive(extra, 3)
         assert statuses(data) == [503], f"connection {CAP + 1} got {data[:200]!r}"
         assert closed, "the connection over the cap was not closed"

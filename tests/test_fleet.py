@@ -57,6 +57,15 @@ class FakeAgent:
                     return
                 conn.sendall(bytes([byte]))
             return
+        if self.behaviour == "slow":  # answers after 1.5 s
+            if self.stop.wait(1.5):
+                return
+            self.behaviour = "good"
+            try:
+                self.respond(conn, request)
+            finally:
+                self.behaviour = "slow"
+            return
         if self.behaviour == "endless":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
             try:
@@ -461,3 +470,30 @@ def test_the_hub_updates_itself_first_and_the_agents_only_if_it_succeeded(rollou
         record = hub.request("GET", "/update")[1]["agents"]
         assert record["state"] == "halted" and "hub's update ended rolled_back" in record["error"]
         assert [m.posts for m in managers] == [["2.0.11"]] * 2
+
+
+def test_concurrent_agents_requests_share_one_fan_out(tmp_path):
+    """GET /agents cannot be used to multiply traffic to the agents: the requests that arrive
+    while a fan-out runs get its answer; the next request after it starts a new one."""
+    agent = FakeAgent("127.0.2.1", "slow")
+    running = Running(tmp_path, agents="127.0.2.1")
+    try:
+        answers = []
+
+        def ask():
+            answers.append(running.request("GET", "/agents"))
+        threads = [threading.Thread(target=ask) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join(30)
+        assert len(answers) == 10 and all(code == 200 for code, _, _ in answers)
+        assert len(agent.requests) == 1
+        assert all(body == answers[0][1] for _, body, _ in answers)
+        assert answers[0][1]["agents"][0]["reachable"] is True
+        assert running.request("GET", "/agents")[0] == 200
+        assert len(agent.requests) == 2
+    finally:
+        running.close()
+        agent.close()

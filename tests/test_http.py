@@ -15,13 +15,6 @@ import backend_ai_manager as bam
 from support import FakeSystemd, Nas, Running, release_files
 
 
-@pytest.fixture
-def srv(tmp_path):
-    running = Running(tmp_path)
-    yield running
-    running.close()
-
-
 def test_seed_formats(srv):
     status, body, _ = srv.request("GET", "/status")
     assert status == 200 and body["running"] is True
@@ -127,13 +120,13 @@ def test_missing_or_broken_package_json_is_a_clear_error(srv, tmp_path):
 
 
 def test_transfer_encoding_is_refused_and_pipelined_request_is_not_smuggled(srv):
-    answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"0\r\n\r\nPOST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\nPOST /stop HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
     assert answer.count(b"HTTP/1.1 ") == 1 and b" 400 " in answer.split(b"\r\n")[0]
     assert srv.systemd.calls == []
     for bad in (b"Content-Length: +5", b"Content-Length: 1_0", b"Content-Length: 5\r\n"
                 b"Content-Length: 5"):
-        answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n\r\nhello")
+        answer = srv.raw(b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\n" + bad + b"\r\n\r\nhello")
         assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request"), answer
     assert srv.systemd.calls == []
 
@@ -146,8 +139,8 @@ def test_transfer_encoding_is_refused_and_pipelined_request_is_not_smuggled(srv)
 def test_a_bad_header_line_closes_the_connection_so_nothing_is_smuggled(srv, bad_line):
     """A head the parser refuses is answered 400 and the connection closed, whatever the framer
     made of it: the bytes after it are never read as a second request."""
-    answer = srv.raw(b"GET /status HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n"
-                     b"POST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = srv.raw(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n" + bad_line + b"\r\n\r\n"
+                     b"POST /stop HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
     assert answer.count(b"HTTP/1.1 ") == 1, answer
     assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request") or \
         answer.split(b"\r\n")[0].endswith(b"413 Content Too Large"), answer
@@ -180,8 +173,8 @@ def test_a_request_waiting_for_a_lock_does_not_hold_up_the_others(srv):
 
 def test_a_body_is_read_exactly_so_keep_alive_works(srv):
     body = b'{"version": "../x"}'
-    two = (b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-           b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") % (len(body), body)
+    two = (b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+           b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") % (len(body), body)
     answer = srv.raw(two)
     assert answer.count(b"HTTP/1.1 400") == 1 and answer.count(b"HTTP/1.1 200") == 1
 
@@ -261,13 +254,13 @@ def test_no_smuggling_past_a_401_or_through_a_folded_header(tmp_path):
     token.write_text("s3cret-token-0123456789\n")
     running = Running(tmp_path, token_file=str(token))
     try:
-        answer = running.raw(b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\n"
-                             b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = running.raw(b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999\r\n\r\n"
+                             b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert answer.count(b"HTTP/1.1 ") == 1 and b" 413 " in answer.split(b"\r\n")[0]
         auth = b"Authorization: Bearer s3cret-token-0123456789\r\n"
-        answer = running.raw(b"POST /stop HTTP/1.1\r\nHost: x\r\n" + auth +
+        answer = running.raw(b"POST /stop HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth +
                              b"X-A: a\r\n Transfer-Encoding: chunked\r\n\r\n"
-                             b"GET /version HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+                             b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"\r\n")
         assert answer.count(b"HTTP/1.1 ") == 1 and b" 400 " in answer.split(b"\r\n")[0]
         assert running.systemd.calls == []
     finally:
@@ -304,7 +297,7 @@ def test_many_clients_on_fresh_connections_never_fill_the_connection_limit(srv):
     (It once kept accepting the reconnecting clients in one loop, never saw the closes, and
     answered 503 'too many connections' to all of them within a second.)"""
     import socket
-    request = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     statuses, stop = [], time.monotonic() + 2
 
     def client():
@@ -512,7 +505,7 @@ def test_a_refused_request_still_being_sent_gets_its_answer_and_a_clean_close(tm
 
             def send():
                 try:
-                    sock.sendall(b"POST /update HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                    sock.sendall(b"POST /update HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
                                  b"chunked\r\n\r\n100000\r\n" + b"x" * (1 << 20))
                 except OSError:
                     pass

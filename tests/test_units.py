@@ -559,8 +559,8 @@ def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
 # --- request framing ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, expected, status", [
-    (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", "head", None),
-    (b"GET /status HTTP/1.1\r\nHost: x\r\n", None, None),
+    (b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "head", None),
+    (b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n", None, None),
     (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", "wait head+5", None),
     (b"POST /update HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET /", "head+5", None),
     (b"POST /update HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "head", 400),
@@ -571,7 +571,7 @@ def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
     (b"POST /u HTTP/1.1\r\nX-A: a\rContent-Length: 3\r\n\r\nabc", "head", 400),
     (b"POST /u HTTP/1.1\r\nNoColon\r\nContent-Length: 3\r\n\r\nabc", "head", 400),
     (b"GET / HTTP/1.1\n\n", "head", None),
-    (b"GET / HTTP/1.1\nHost: x\n\r\n", "head", None),          # LF lines, CRLF end
+    (b"GET / HTTP/1.1\nHost: 127.0.0.1\n\r\n", "head", None),          # LF lines, CRLF end
     (b"GET / HTTP/1.1\n\nGET /v HTTP/1.1\r\n\r\n", "head", None),  # two pipelined
     (b"POST /stop HTTP/1.1\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n", "head", 400),
 ])
