@@ -605,6 +605,16 @@ class Host:
         assert result.returncode == 0, result.stderr
         return self.wait_manager()
 
+    def serve_by_hand(self, **env):
+        """`serve` run by hand inside the sandbox with the unit's settings (and `env` on top),
+        as an operator checking a setting would: (exit code, seconds it took, stderr)."""
+        environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "BACKEND_AI_ROLE": self.role}
+        environ.update(self.env)
+        environ.update(env)
+        started = time.monotonic()
+        run = self.sandbox.run([self.python, self.manager, "serve"], env=environ, timeout=60)
+        return run.returncode, time.monotonic() - started, run.stderr
+
     def stop(self):
         for unit in (self.MANAGER_UNIT, self.SERVICE):
             self.sandbox.systemctl("stop", unit)

@@ -243,3 +243,34 @@ def test_a_hub_killed_during_its_own_update_touches_no_agent(fleet):
     assert record["agents"]["state"] == "halted", record["agents"]
     assert post_update_counts(agents) == before
     print(f"\nhub killed during its own update ({seen}): rollout halted, no agent touched")
+
+
+def test_a_second_hub_serve_mid_rollout_changes_nothing(fleet):
+    """An operator runs `serve` by hand on the hub while it rolls out (same port, another
+    port): it exits at once on the state dir's lock, without recovery or a resumed rollout,
+    so no agent gets a second POST /update."""
+    hub, agents, _ = fleet
+    agents[0].publish("2.0.16")
+    before = post_update_counts(agents)
+    pid = hub.manager_pid()
+    assert hub.api("POST", "/update", {"version": "2.0.16", "target": "agents"})[0] == 200
+    deadline, mid_update = time.monotonic() + 60, None
+    while time.monotonic() < deadline and mid_update is None:
+        rollout = hub.api("GET", "/update")[1]["agents"]
+        if rollout["agents"][0]["state"] == "succeeded" and any(
+                e["state"] == "updating" for e in rollout["agents"]):
+            mid_update = [e["agent"] for e in rollout["agents"] if e["state"] == "updating"]
+        time.sleep(0.02)
+    assert mid_update, "never saw agents mid-update after the canary"
+    for env in ({}, {"BACKEND_AI_PORT": str(hub.port + 1)}):
+        code, took, stderr = hub.serve_by_hand(**env)
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert f"another manager (PID {pid}) holds the lock {hub.state_dir}/lock" in stderr
+    record = wait_rollout(hub)
+    assert hub.manager_pid() == pid
+    assert record["agents"]["state"] == "succeeded", record["agents"]
+    assert [n - b for n, b in zip(post_update_counts(agents), before)] == [1] * 5
+    print(f"\ntwo hand-run serves while {mid_update} were mid-update: each exited 1 at once; "
+          "each agent got one POST /update")
+    for agent in agents:
+        agent.assert_installed("2.0.16")
