@@ -26,8 +26,10 @@ install:
 	for unit in ai-hub-manager.service ai-agent-manager.service; do \
 		sed 's|/usr/local/lib/backend-ai-manager|$(LIBDIR)|g' systemd/$$unit \
 			> $(DESTDIR)$(UNITDIR)/$$unit && chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit || exit 1; \
+		install -D -m 0644 systemd/$$unit.d/hardening.conf \
+			$(DESTDIR)$(UNITDIR)/$$unit.d/hardening.conf || exit 1; \
 	done
-	@echo "installed; now: systemctl daemon-reload && systemctl enable --now ai-hub-manager (or ai-agent-manager)"
+	@echo "installed, with the hardening drop-ins (in a Proxmox container without nesting, remove them, or use 'backend_ai_manager.py install', which probes); now: systemctl daemon-reload && systemctl enable --now ai-hub-manager (or ai-agent-manager)"
 
 lint:
 	@for py in $(PYTHONS); do \

@@ -22,6 +22,7 @@ import queue
 import re
 import selectors
 import shutil
+import shlex
 import signal
 import socket
 import stat
@@ -3089,6 +3090,7 @@ class Api:
         self.rollout = rollout  # a hub's
         self.jobs_lock = threading.Lock()  # checking that no job runs and starting one: one step
         self.own_names = own_host_names()
+        self.hardening = running_hardening()
         self._host_checked = {}  # Host header -> its problem (None: fine), bounded
         self._token_problem = None  # what the journal was last told about the token file
         self._token_lock = threading.Lock()
@@ -3190,7 +3192,8 @@ class Api:
         except ManagerError as e:
             result["version"], result["name"], result["version_error"] = None, None, e.message
         result["update"] = self.updater.view(summary=True, wait=wait)
-        result["manager"] = {"version": __version__, "role": self.settings.role}
+        result["manager"] = {"version": __version__, "role": self.settings.role,
+                             "hardening": self.hardening}
         return 200, result
 
     def control(self, action):
@@ -4126,7 +4129,8 @@ def describe_status(answer):
         lines.append(text + (f": {update['error']}" if update.get("error") else ""))
     manager = answer.get("manager") or {}
     if manager:
-        lines.append(f"manager: {manager.get('version')} ({manager.get('role')})")
+        hardening = f", hardening: {manager['hardening']}" if manager.get("hardening") else ""
+        lines.append(f"manager: {manager.get('version')} ({manager.get('role')}){hardening}")
     return lines
 
 
@@ -4388,8 +4392,16 @@ def build_parser():
     daemon = commands.add_parser("serve", help="run the daemon")
     checker = commands.add_parser("check", help="resolve and validate serve's settings as "
                                   "serve would, print them, change nothing (exit 2 if invalid)")
+    installer = commands.add_parser(
+        "install", help="as root: install this file as the role's systemd service with serve's "
+        "options (in /etc/default), probing the hardening; enable, start, show /status")
+    installer.add_argument("--dry-run", action="store_true",
+                           help="print what would be written, write nothing")
+    remover = commands.add_parser("uninstall", help="as root: stop the role's service and "
+                                  "remove what install wrote (the state dir stays)")
+    remover.add_argument("--role", choices=list(ROLES), required=True)
     for name, flag, env, parse, text in OPTIONS:
-        for command in (daemon, checker):
+        for command in (daemon, checker, installer):
             if name in ("require_checksum", "log_requests"):
                 command.add_argument(flag, dest=name, action="store_const", const=True,
                                      default=None, help=f"{text} (${env})")
@@ -4486,6 +4498,330 @@ def raise_file_limit(settings):
                     settings.max_connections, soft, max(1, soft - spare))
         return max(1, soft - spare)
     return settings.max_connections
+
+
+# --- install: the manager as a systemd service of this host -----------------------------------
+
+INSTALL_LIB = "/usr/local/lib/backend-ai-manager"
+UNIT_DIR = "/etc/systemd/system"
+DEFAULTS_DIR = "/etc/default"
+# The hardening that makes systemd mount a fresh /proc for the unit: refused inside a Proxmox
+# container without nesting (its AppArmor profile allows proc only at /proc), where the unit
+# would die with status 226/NAMESPACE before the manager runs. So it lives in a drop-in that
+# `install` writes only when a probe with the same properties passes.
+NAMESPACE_HARDENING = ("ProtectKernelTunables=yes", "ProtectControlGroups=yes")
+# The unit's own mount directives, given to the probe with the drop-in's.
+MOUNT_HARDENING = ("ProtectSystem=full", "ProtectHome=read-only", "PrivateTmp=yes",
+                   "PrivateDevices=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes")
+PROBE_EXTRA = "BACKEND_AI_INSTALL_PROBE_EXTRA"  # for tests: more -p properties for the probe
+
+UNIT_TEMPLATE = """\
+# backend-ai-manager for the {kind} host{s}: the lifecycle API for ai-{kind}.service on {bind}:3081{lan}.
+# Installed by `python3 backend_ai_manager.py install --role {kind} [options]` (or `make install`),
+# which also writes the options to /etc/default/ai-{kind}-manager (they win over the Environment=
+# lines below) and, where systemd can set up a fresh /proc for it, the drop-in
+# ai-{kind}-manager.service.d/hardening.conf.
+[Unit]
+Description=Backend AI {title} Manager (lifecycle API for ai-{kind}.service)
+After=network-online.target
+Wants=network-online.target
+# Never give up restarting the manager (RestartSec= below paces it): it is how the fleet reaches
+# this host, and a restarted manager finishes or undoes an interrupted update.
+StartLimitIntervalSec=0
+
+[Service]
+# READY=1 is sent once the socket listens; WATCHDOG=1 every 10 s while the server is alive:
+# a stuck or frozen manager is killed and restarted.
+Type=notify
+WatchdogSec=20s
+TimeoutStopSec=45s
+# SIGTERM to the manager alone: a systemctl it is running for a request in flight must finish
+# (the default would kill it too and that request would fail); leftovers get SIGKILL at the end.
+KillMode=mixed
+User=root
+Environment=BACKEND_AI_ROLE={kind}
+Environment=BACKEND_AI_BIND={bind}
+EnvironmentFile=-/etc/default/ai-{kind}-manager
+ExecStart=/usr/bin/python3 /usr/local/lib/backend-ai-manager/backend_ai_manager.py serve
+Restart=always
+RestartSec=2
+
+# Hardening, as far as the job allows. Left out, and why (see README "Security model"):
+# ProtectSystem=strict (the install and state dirs are settings, so ReadWritePaths= cannot be
+# fixed here; =full keeps /usr, /boot and /etc read-only), User=/DynamicUser= (starting and
+# stopping another unit and writing its install dir need root), PrivateNetwork=/IPAddressDeny=
+# (it serves the LAN and downloads from the NAS), MemoryDenyWriteExecute= (ctypes/libffi may
+# need writable+executable memory), ProtectProc= (systemd 247+; the manager only reads its own).
+# ProtectKernelTunables= and ProtectControlGroups= are in the drop-in hardening.conf.
+NoNewPrivileges=yes
+ProtectSystem=full
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+CapabilityBoundingSet=CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_KILL
+UMask=0022
+# One malloc arena: the update's threads (download, writers, flusher) each freeing MB-sized
+# buffers into an arena of their own kept 4-5 MB more resident after an update; with one arena
+# the growth over idle is about 1 MB, at the same speed (the threads mostly hold Python's lock
+# anyway). glibc reads this only at start.
+Environment=MALLOC_ARENA_MAX=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+DROPIN_TEMPLATE = """\
+# The hardening that needs a fresh /proc in the unit's mount namespace. `install` writes this file
+# only where a probe (systemd-run with the same properties) passes: inside a Proxmox container
+# without nesting, systemd cannot mount it and the unit would fail with 226/NAMESPACE.
+[Service]
+{lines}
+"""
+
+
+def unit_files(role):
+    """{path: text} of the unit and its hardening drop-in for `role`, as systemd/ ships them."""
+    hub = role == "hub"
+    unit = UNIT_TEMPLATE.format(
+        kind=role, s="" if hub else "s", title="Hub" if hub else "Agent",
+        bind="127.0.0.1" if hub else "0.0.0.0", lan="" if hub else " (the LAN)")
+    name = f"ai-{role}-manager.service"
+    return {os.path.join(UNIT_DIR, name): unit,
+            os.path.join(UNIT_DIR, f"{name}.d", "hardening.conf"):
+                DROPIN_TEMPLATE.format(lines="\n".join(NAMESPACE_HARDENING))}
+
+
+def probe_hardening(run=None):
+    """Whether systemd can start a unit with the manager's mount hardening here: a transient
+    unit with the same properties running /bin/true (systemd-run --wait passes its exit status
+    on: 226 when the mount namespace cannot be set up). (None, "") if it can, else (the exit
+    status, systemd's words from the journal)."""
+    run = run or run_command
+    unit = f"backend-ai-manager-probe-{os.getpid()}.service"
+    argv = ["systemd-run", "--wait", "--quiet", "--collect", f"--unit={unit}",
+            "-p", "DefaultDependencies=no"]
+    for prop in MOUNT_HARDENING + NAMESPACE_HARDENING:
+        argv += ["-p", prop]
+    argv += shlex.split(os.environ.get(PROBE_EXTRA, "")) + ["/bin/true"]
+    result = run(argv, 60)
+    if result.ok:
+        return None, ""
+    words = result.err.strip() or result.out.strip()
+    journal = run(["journalctl", "-u", unit, "-o", "cat", "--no-pager", "-n", "20"], 15)
+    found = [line.strip() for line in journal.out.splitlines() if "Failed" in line and (
+        "namespac" in line or "step" in line)]
+    return result.code, "\n".join(found or [words or f"exit status {result.code}"])
+
+
+def running_hardening(cgroup_file="/proc/self/cgroup"):
+    """For /status: "full" when the unit this manager runs in has the namespace hardening of
+    the drop-in in effect, "without the namespace drop-in" when it does not, "not a systemd
+    service" outside a unit. Asked of systemd once, at start."""
+    try:
+        with open(cgroup_file) as f:
+            unit = f.read().strip().splitlines()[-1].rpartition("/")[2]
+    except (OSError, IndexError):
+        unit = ""
+    if not unit.endswith(".service") or not os.environ.get("INVOCATION_ID"):
+        return "not a systemd service"
+    result = run_command(["systemctl", "show", unit, "-p",
+                          ",".join(p.partition("=")[0] for p in NAMESPACE_HARDENING)], 15)
+    props = parse_show(result.out) if result.ok else {}
+    if all(props.get(k) == v for k, _, v in (p.partition("=") for p in NAMESPACE_HARDENING)):
+        return "full"
+    return "without the namespace drop-in"
+
+
+def _write_file(path, data, mode):
+    """Write `data` to `path` whole or not at all: a temporary file beside it, flushed, renamed."""
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _systemctl(*args):
+    result = run_command(["systemctl", *args], 120)
+    if not result.ok:
+        raise SystemdError(f"systemctl {' '.join(args)}: {result.message()}")
+    return result.out.strip()
+
+
+def install_plan(role, flags, probe):
+    """{path: (bytes or None to remove, mode)} of everything `install` owns for `role`."""
+    unit, dropin = unit_files(role).items()
+    options = "".join(f"{env}={'yes' if flags[name] is True else flags[name]}\n"
+                      for name, _flag, env, _p, _h in OPTIONS
+                      if name != "role" and flags.get(name) is not None)
+    with open(os.path.abspath(__file__), "rb") as f:
+        manager = f.read()
+    return {
+        os.path.join(INSTALL_LIB, "backend_ai_manager.py"): (manager, 0o755),
+        unit[0]: (unit[1].encode(), 0o644),
+        dropin[0]: (dropin[1].encode() if probe[0] is None else None, 0o644),
+        os.path.join(DEFAULTS_DIR, f"ai-{role}-manager"): (
+            (f"# backend-ai-manager ({role}): written by install; the options given to it.\n"
+             + options).encode(), 0o644),
+    }
+
+
+def install(flags, dry_run=False, out=None):
+    """`install`: the manager file, the unit, its hardening drop-in where the probe passes, the
+    options in /etc/default; then the unit enabled, (re)started and its /status shown. A second
+    run changes nothing and says so. 0 when the manager answers."""
+    out = out or sys.stdout
+    settings = resolve_settings(flags, {})  # ConfigError: nothing written
+    role, unit = settings.role, f"ai-{settings.role}-manager.service"
+    if not os.path.isdir("/run/systemd/system"):  # sd_booted(3)
+        raise ManagerError("systemd is not running on this host (no /run/systemd/system); "
+                           "install sets the manager up as a systemd service")
+    probe = probe_hardening()
+    if probe[0] is None:
+        out.write("hardening probe: passed; the namespace hardening (" +
+                  ", ".join(NAMESPACE_HARDENING) + ") goes in the drop-in\n")
+    else:
+        namespace = " (226/NAMESPACE)" if probe[0] == 226 else ""
+        out.write(
+            f"hardening probe: failed with exit status {probe[0]}{namespace}:\n"
+            + "".join(f"    {line}\n" for line in probe[1].splitlines())
+            + "The manager is installed without " + " and ".join(NAMESPACE_HARDENING)
+            + "\n(the rest of the hardening stays): systemd cannot mount a fresh /proc for "
+            "the unit here.\nIn a Proxmox container this means nesting is off. To fix it, "
+            "on the Proxmox host run\n    pct set <ID> --features nesting=1\nthen restart "
+            "the container and run install again.\n")
+    plan = install_plan(role, flags, probe)
+    changed = [path for path, (data, _mode) in plan.items() if _read_bytes(path) != data]
+    job = _running_job(settings) if changed and not dry_run else None
+    if job:
+        raise ManagerError(f"{unit} is running a job ({job}); install would restart it: run "
+                           "install again when it is over")
+    for path, (data, mode) in plan.items():
+        if path not in changed:
+            continue
+        what = "remove" if data is None else "write"
+        out.write(f"{'would ' if dry_run else ''}{what} {path}\n")
+        if dry_run and data is not None and not path.endswith(".py"):
+            out.write("".join(f"    {line}\n" for line in data.decode().splitlines()))
+        if dry_run:
+            continue
+        if data is None:
+            _remove(path)
+            try:
+                os.rmdir(os.path.dirname(path))  # the drop-in folder, if now empty
+            except OSError:
+                pass
+        else:
+            _write_file(path, data, mode)
+    if dry_run:
+        out.write("nothing would change\n" if not changed else "dry run: nothing written\n")
+        return 0
+    active = run_command(["systemctl", "is-active", unit], 30).out.strip()
+    enabled = run_command(["systemctl", "is-enabled", unit], 30).out.strip()
+    if not changed and active == "active" and enabled == "enabled":
+        out.write(f"nothing to change: {unit} is installed, enabled and running\n")
+    else:
+        if changed:
+            _systemctl("daemon-reload")
+        if enabled != "enabled":
+            _systemctl("enable", unit)
+        # start waits for READY=1 (Type=notify); restart picks up changed files.
+        _systemctl("restart" if changed and active == "active" else "start", unit)
+        out.write(f"{unit}: enabled and running\n")
+    return _show_installed(settings, out)
+
+
+def _local_client(settings):
+    host = "127.0.0.1" if settings.bind in ("0.0.0.0", "::", "") else settings.bind
+    return Client(f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}",
+                  settings.token_file, False)
+
+
+def _running_job(settings):
+    """What the manager already running on this host is doing, if it runs an update, a
+    rollback or a rollout (None if it is idle or does not answer)."""
+    try:
+        record = _local_client(settings).call("GET", "/update")
+    except ClientError:
+        return None
+    rollout = (record.get("agents") or {}).get("state")
+    if record.get("state") in WORKING_STATES or rollout in ("pending", "rolling"):
+        return f"{record.get('action') or 'update'} to {record.get('version')}: " \
+               f"{record.get('state')}" + (f", rollout {rollout}" if rollout else "")
+    return None
+
+
+def _show_installed(settings, out):
+    try:
+        answer = _local_client(settings).call("GET", "/status")
+    except ClientError as e:
+        out.write(f"the manager does not answer: {e.message}\n")
+        return 1
+    out.write("".join(f"  {line}\n" for line in describe_status(answer)))
+    return 0
+
+
+def uninstall(role, out=None):
+    """`uninstall`: the unit stopped and disabled; what `install` wrote removed (the manager file
+    only when no other role's unit uses it); the state dir left, and said where."""
+    out = out or sys.stdout
+    unit = f"ai-{role}-manager.service"
+    defaults = os.path.join(DEFAULTS_DIR, f"ai-{role}-manager")
+    state_dir = f"/var/lib/backend-ai-manager/{role}"
+    for line in (_read_bytes(defaults) or b"").decode("utf-8", "replace").splitlines():
+        if line.startswith("BACKEND_AI_STATE_DIR="):
+            state_dir = line.partition("=")[2].strip()
+    paths = list(unit_files(role)) + [defaults]
+    other = "agent" if role == "hub" else "hub"
+    if not os.path.exists(os.path.join(UNIT_DIR, f"ai-{other}-manager.service")):
+        paths.append(os.path.join(INSTALL_LIB, "backend_ai_manager.py"))
+    present = [p for p in paths if os.path.lexists(p)]
+    if present:
+        run_command(["systemctl", "disable", "--now", unit], 120)
+        for path in present:
+            _remove(path)
+            out.write(f"removed {path}\n")
+        for folder in (os.path.join(UNIT_DIR, f"{unit}.d"), INSTALL_LIB):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        _systemctl("daemon-reload")
+        run_command(["systemctl", "reset-failed", unit], 30)
+    else:
+        out.write(f"nothing to remove: {unit} is not installed\n")
+    out.write(f"the state dir {state_dir} is left in place (its backups and job records); "
+              "remove it by hand if it is no longer wanted\n")
+    return 0
 
 
 class StateDirLocked(ManagerError):
@@ -4611,13 +4947,21 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command not in ("serve", "check"):
+    if args.command not in ("serve", "check", "install", "uninstall"):
         return run_client(args)
     try:
+        if args.command == "uninstall":
+            return uninstall(args.role)
+        if args.command == "install":
+            return install(vars(args), args.dry_run)
         settings = resolve_settings(vars(args), os.environ)
     except ConfigError as e:
         print(f"backend_ai_manager.py: error: {e}", file=sys.stderr)
         return 2
+    except (ManagerError, OSError) as e:
+        text = e.message if isinstance(e, ManagerError) else f"{e.filename or ''}: {e.strerror}"
+        print(f"backend_ai_manager.py {args.command}: error: {text}", file=sys.stderr)
+        return 1
     return check(settings) if args.command == "check" else serve(settings)
 
 

@@ -30,9 +30,14 @@ POWEROFF = signal.SIGRTMIN + 4  # SIGTERM does NOT stop systemd (it re-executes 
 
 TARGET_TEXT = """[Unit]
 Description=bam test sandbox
-Wants=systemd-journald.service
-After=systemd-journald.service
+Wants=systemd-journald.service dbus.socket
+After=systemd-journald.service dbus.socket
 """
+# The system bus (systemd-run --wait needs it), without the default dependencies that would pull
+# in sysinit.target, whose units act on the host's files (the sandbox shares /etc and /var).
+NO_DEFAULT_DEPENDENCIES = "[Unit]\nDefaultDependencies=no\n"
+BUS_DROPINS = {"dbus.socket.d/sandbox.conf": NO_DEFAULT_DEPENDENCIES,
+               "dbus.service.d/sandbox.conf": NO_DEFAULT_DEPENDENCIES}
 
 INIT_TEMPLATE = """#!/bin/sh
 # PID 1 of the sandbox's new pid+mount namespace (propagation private: mounts made here stay inside).
@@ -158,6 +163,8 @@ class Sandbox:
         shutil.rmtree(self.units_dir, ignore_errors=True)  # no stale units from an earlier run
         os.makedirs(self.units_dir)
         self._write(TARGET, TARGET_TEXT)
+        for name, text in BUS_DROPINS.items():
+            self._write(name, text)
         for name, text in self.units.items():
             self._write(name, text)
         with open(self.init_script, "w") as f:
@@ -296,6 +303,8 @@ class Sandbox:
             self.run(["systemctl", "daemon-reload"], check=True)
 
     def _write(self, name, text):
+        """A unit, or a drop-in (NAME.d/FILE.conf)."""
+        os.makedirs(os.path.dirname(os.path.join(self.units_dir, name)), exist_ok=True)
         with open(os.path.join(self.units_dir, name), "w") as f:
             f.write(text)
 

@@ -545,6 +545,8 @@ class Host:
         with open(os.path.join(self.base, "manager.env"), "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in self.env.items())
         self.sandbox.add_unit(self.SERVICE, sandboxed(service))
+        self.sandbox.add_unit(f"{self.MANAGER_UNIT}.d/hardening.conf", unit_text(
+            f"ai-{self.kind}-manager.service.d/hardening.conf"))
         self.sandbox.add_unit(self.MANAGER_UNIT, sandboxed("\n".join(manager) + "\n"))
 
     def start(self):

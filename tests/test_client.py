@@ -186,7 +186,7 @@ def test_status_version_and_logs_print_the_real_service(host):
                         rf"{host.main_pid()}, \d+ restarts", lines[0]), show(run)
     version = installed_version(host)
     assert f"version: {version} @proxmox-ai-control/hub" in lines, show(run)
-    assert re.fullmatch(r"manager: \S+ \(hub\)", lines[-1]), show(run)
+    assert re.fullmatch(r"manager: \S+ \(hub\), hardening: full", lines[-1]), show(run)
     assert run.stderr == ""
 
     run = client("version", host=on(host))
