@@ -130,7 +130,7 @@ systemctl restart {unit}
 # shell a folder per run). On ext4 without a journal (this machine's root) creating files soon
 # after deleting thousands is slowed by ext4's check against reusing recently freed inodes
 # (perf: recently_deleted() under ext4_create, all kernel time); a bench deleting a release
-# every few seconds measured mostly that. See README, Performance.
+# every few seconds measured mostly that. See bench/README.md.
 KEEP = 100
 
 
