@@ -271,6 +271,7 @@ class Nas:
         self.root = root
         self.faults = {}
         self.requests = []
+        self.authorizations = []  # each request's Authorization header (None: none)
         nas = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -278,6 +279,7 @@ class Nas:
 
             def do_GET(self):
                 nas.requests.append(self.path)
+                nas.authorizations.append(self.headers.get("Authorization"))
                 fault = nas.faults.get(self.path, "")
                 if fault == "hang":
                     time.sleep(3600)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import backend_ai_manager as bam
-from support import Running
+from support import Nas, Running, release_files
 
 
 class FakeAgent:
@@ -163,6 +163,24 @@ def test_the_agent_token_goes_to_agents(fleet):
     running, agents, _ = fleet
     running.request("GET", "/agents")
     assert b"Authorization: Bearer agent-token-0123456789" in agents["127.0.2.1:3081"].requests[0]
+
+
+def test_the_agent_token_goes_to_nothing_else(tmp_path):
+    """Not to the NAS (the release, its .sha256) nor to the health URL."""
+    token = tmp_path / "agent-token"
+    token.write_text("agent-token-0123456789\n")
+    with Nas(str(tmp_path / "nas")) as nas:
+        nas.publish("2.0.11", release_files("2.0.11"))
+        with Running(tmp_path, agents="127.0.2.1", agent_token_file=str(token),
+                     nas_url=nas.url_template(),
+                     health_url=f"http://127.0.0.1:{nas.port}/api/raw/2.0.11/hub-2.0.11.tar.gz"
+                     ".sha256") as running:
+            status, body, _ = running.request("POST", "/update", {"version": "2.0.11",
+                                                                   "target": "hub"})
+            assert status == 200, body
+            assert running.wait_update(20)["state"] == "succeeded"
+        assert len(nas.requests) >= 3  # .sha256, tarball, health URL
+        assert nas.authorizations == [None] * len(nas.requests)
 
 
 def test_an_agent_list_file_is_read_again_at_each_request(fleet):

@@ -210,16 +210,25 @@ def test_token_and_allow_list(tmp_path):
 def test_update_conflicts_and_control_refused_while_an_update_runs(tmp_path):
     with Nas(str(tmp_path / "nas")) as nas, \
             Running(tmp_path, nas_url=nas.url_template(), download_timeout="3") as running:
+        # A kept release first, so that a rollback is refused for the running update alone.
         nas.publish("2.0.11", release_files("2.0.11"))
-        nas.faults[nas.path_of("2.0.11")] = "hang"
-        code, body, _ = running.request("POST", "/update", {"version": "2.0.11"})
-        assert code == 200 and body["message"] == "Hub update to version 2.0.11 started"
+        assert running.request("POST", "/update", {"version": "2.0.11"})[0] == 200
+        assert running.wait_update(20)["state"] == "succeeded"
+        calls = list(running.systemd.calls)
+        nas.publish("2.0.12", release_files("2.0.12"))
+        nas.faults[nas.path_of("2.0.12")] = "hang"
         code, body, _ = running.request("POST", "/update", {"version": "2.0.12"})
+        assert code == 200 and body["message"] == "Hub update to version 2.0.12 started"
+        code, body, _ = running.request("POST", "/update", {"version": "2.0.13"})
         assert code == 409 and "already running" in body["error"]
-        for action in ("start", "stop", "restart", "rollback"):
+        for action in ("start", "stop", "restart"):
             code, body, _ = running.request("POST", f"/{action}")
-            assert code == 409, action
-        assert running.systemd.calls == []
+            assert code == 409 and body["error"] == (
+                f"cannot {action} ai-hub.service while an update is running"), body
+        code, body, _ = running.request("POST", "/rollback")
+        assert code == 409 and body["error"] == (
+            "an update to version 2.0.12 is already running (downloading)"), body
+        assert running.systemd.calls == calls
         running.wait_update(40)
         code, body, _ = running.request("GET", "/update")
         assert body["state"] == "failed", body

@@ -312,10 +312,21 @@ def test_flusher_flushes_through_one_descriptor_and_refuses_a_file(tmp_path):
         bam.Flusher(str(tmp_path / "file"))
     flusher = bam.Flusher(str(tmp_path))
     fd = flusher.fd
+    real, calls = flusher._syncfs, []
+    assert real is not None  # glibc has syncfs(2)
+    flusher._syncfs = lambda fd: (calls.append(fd), real(fd))[1]
     flusher.start()
     assert flusher._thread.is_alive()
     (tmp_path / "data").write_bytes(b"y" * 100000)
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # the background flushes
+        time.sleep(0.01)
+    flusher.stop()
+    flusher._thread.join(10)
+    background = len(calls)
     flusher.finish()  # no error on a healthy disk
+    assert background >= 1 and len(calls) == background + 1  # + the last flush
+    assert set(calls) == {fd}  # all through the one descriptor
     assert not flusher._thread.is_alive() and flusher.fd == fd
     flusher.close()
     assert flusher.fd is None
@@ -497,7 +508,7 @@ def test_recover_repairs_every_interrupted_link_exchange(tmp_path):
     assert os.path.islink(install / "node_modules")
 
 
-def test_link_entries_exchanges_real_entries_atomically(tmp_path):
+def test_link_entries_exchanges_real_entries_atomically(tmp_path, monkeypatch):
     install, state = tmp_path / "install", tmp_path / "state"
     releases = bam.Releases(str(install), str(state))
     releases.prepare()
@@ -508,7 +519,16 @@ def test_link_entries_exchanges_real_entries_atomically(tmp_path):
     (tree / "dist" / "a.js").write_text("live")
     rid = releases.add(str(tree), "1.0.0")
     releases.switch(rid)
+    exchanged = []
+    real = bam._exchange
+
+    def exchange(a, b):
+        exchanged.append((os.path.basename(b), real(a, b)))
+        return exchanged[-1][1]
+    monkeypatch.setattr(bam, "_exchange", exchange)
     releases.link_entries(["dist"])
+    # One RENAME_EXCHANGE of the real folder and its link: `dist` was never missing.
+    assert exchanged == [("dist", True)]
     assert releases.is_ours("dist") and (install / "dist" / "a.js").read_text() == "live"
     assert sorted(os.listdir(install)) == ["dist"]
 
@@ -524,8 +544,9 @@ class CountingSystemd(bam.Systemd):
 
     def _show(self):
         self.calls += 1
+        number = self.calls
         self.gate.wait(5)
-        return {"ActiveState": "active", "call": str(self.calls)}
+        return {"ActiveState": "active", "call": str(number)}
 
 
 def test_concurrent_status_calls_share_one_systemctl_call():
@@ -543,8 +564,12 @@ def test_concurrent_status_calls_share_one_systemctl_call():
     assert sd.calls == 1 and len(results) == 20 and all(r["call"] == "1" for r in results)
 
 
-def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
+def test_cached_status_is_bounded_in_age_and_never_crosses_an_action(monkeypatch):
+    import threading
     import time
+    ran = []
+    monkeypatch.setattr(bam, "run_command", lambda argv, timeout: (
+        ran.append(argv[1:]), bam.CommandResult(argv, 0, "", "", False))[1])
     sd = CountingSystemd()
     sd.gate.set()
     assert sd.show(max_age=5)["call"] == "1"
@@ -552,8 +577,26 @@ def test_cached_status_is_bounded_in_age_and_never_crosses_an_action():
     assert sd.show()["call"] == "2"              # max_age 0: always a fresh call
     time.sleep(0.06)
     assert sd.show(max_age=0.05)["call"] == "3"  # too old
-    sd.invalidate()                               # what control() does around an action
-    assert sd.show(max_age=5)["call"] == "4"
+    sd.control("restart")
+    assert ran == [["reset-failed", "x.service"], ["restart", "x.service"]]
+    assert sd.show(max_age=5)["call"] == "4"     # nothing from before the restart
+    # A call in flight when an action is made is not joined by a caller after the action.
+    sd.gate.clear()
+    before = []
+    early = threading.Thread(target=lambda: before.append(sd.show()))
+    early.start()
+    while sd.calls < 5:
+        time.sleep(0.001)
+    sd.control("stop")
+    after = []
+    late = threading.Thread(target=lambda: after.append(sd.show(max_age=5)))
+    late.start()
+    while sd.calls < 6 and late.is_alive():
+        time.sleep(0.001)
+    sd.gate.set()
+    early.join(5)
+    late.join(5)
+    assert before[0]["call"] == "5" and after[0]["call"] == "6"
 
 
 # --- request framing ----------------------------------------------------------------------------
