@@ -2222,6 +2222,16 @@ class JobRecord:
             log.log(level, "%s %s: %s", action, state, message)
             sd_notify(f"STATUS={action} {state}: {message}")
 
+    def update_entry(self, key, entry, **fields):
+        """Change one entry of the record's list `key` (a rollout's agents); returns how many
+        entries of that list are in each state. In memory; the next set() saves it."""
+        with self.lock:
+            entry.update(fields)
+            counts = {}
+            for e in self.fields.get(key) or ():
+                counts[e["state"]] = counts.get(e["state"], 0) + 1
+            return counts
+
     def count(self, **counters):
         """Progress counters: in memory at once, saved at most once a second."""
         with self.lock:
@@ -2745,7 +2755,9 @@ def agents_overview(settings, hub_version):
 
 PENDING, ROLLING, INCOMPLETE, HALTED = "pending", "rolling", "incomplete", "halted"
 ROLLOUT_WORKING = (PENDING, ROLLING)
-# An agent's outcome. `waiting` and `updating` are on the way there.
+# An agent in a rollout: WAITING for its turn, UPDATING (its POST /update is sent, or about to
+# be), then one outcome: CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK or LOST.
+WAITING, UPDATING = "waiting", "updating"
 CURRENT, UNREACHABLE, LOST = "current", "unreachable", "lost"
 AGENT_FAILURES = (FAILED, ROLLED_BACK, LOST)  # counted against --rollout-max-failures
 
@@ -2809,7 +2821,7 @@ class Rollout:
         entries = []
         for number, batch in enumerate(plan_batches(agents, self.settings.rollout_batches), 1):
             for agent in batch:
-                entries.append({"agent": agent, "batch": number, "state": "waiting",
+                entries.append({"agent": agent, "batch": number, "state": WAITING,
                                 "from_version": None, "version": version, "step": None,
                                 "error": None, "started_at": None, "finished_at": None})
         self.halt_requested.clear()
@@ -2856,6 +2868,17 @@ class Rollout:
 
     # --- the work
     def run(self):
+        """The rollout from its record to an end state. Whatever goes wrong on the way (a
+        record that cannot be saved, a bug), it ends halted with the error recorded: it never
+        stays rolling with nothing running it."""
+        try:
+            self._run()
+        except Exception as e:
+            log.exception("the rollout failed unexpectedly")
+            self.job.set(HALTED, f"rollout halted: internal error: {e}", logging.ERROR,
+                         error=f"internal error: {e}")
+
+    def _run(self):
         entries = self.job.get("agents")
         self.job.set(ROLLING, f"rolling version {self.job.get('version')} out to "
                      f"{len(entries)} agents", durable=True)
@@ -2863,7 +2886,7 @@ class Rollout:
             if self._stop_reason():
                 break
             todo = [e for e in entries if e["batch"] == batch and e["state"] in
-                    ("waiting", "updating")]
+                    (WAITING, UPDATING)]
             self.job.set(message=f"batch {batch}: {len(todo)} agents")
             work = queue.SimpleQueue()
             for entry in todo:
@@ -2891,7 +2914,7 @@ class Rollout:
                 entry = work.get_nowait()
             except queue.Empty:
                 return
-            if entry["state"] == "waiting" and self._stop_reason():
+            if entry["state"] == WAITING and self._stop_reason():
                 continue  # no new agent starts; it stays waiting
             try:
                 self._roll(entry)
@@ -2900,13 +2923,9 @@ class Rollout:
                 self._mark(entry, LOST, f"internal error: {e}")
 
     def _mark(self, entry, state, error=None, durable=False, **fields):
-        with self.job.lock:
-            entry.update(state=state, error=error, **fields)
-            if state not in ("waiting", "updating"):
-                entry["finished_at"] = utc_now()
-            counts = {}
-            for e in self.job.fields["agents"]:
-                counts[e["state"]] = counts.get(e["state"], 0) + 1
+        if state not in (WAITING, UPDATING):
+            fields["finished_at"] = utc_now()
+        counts = self.job.update_entry("agents", entry, state=state, error=error, **fields)
         self.job.set(message=f"{entry['agent']}: {state}" + (f" ({error})" if error else ""),
                      counts=counts, durable=durable)
 
@@ -2914,7 +2933,7 @@ class Rollout:
         """One agent: current, unreachable, or its update sent once and followed to its end."""
         agent, version = entry["agent"], self.job.get("version")
         token = self.settings.agent_token()
-        if entry["state"] == "waiting":
+        if entry["state"] == WAITING:
             status = call_agent(agent, "GET", "/status", token)
             info = agent_status(status)
             if info["error"] or not info["reachable"]:
@@ -2923,7 +2942,7 @@ class Rollout:
                 return self._mark(entry, CURRENT, from_version=info["version"])
             # Recorded durably before the POST: after a crash this agent is polled, not asked
             # again.
-            self._mark(entry, "updating", started_at=utc_now(), step="sending the update",
+            self._mark(entry, UPDATING, started_at=utc_now(), step="sending the update",
                        from_version=info["version"], durable=True)
             post = call_agent(agent, "POST", "/update", token, body={"version": version})
             if not post.answered:
@@ -2951,8 +2970,7 @@ class Rollout:
                                   step=_text(record.get("step")))
             else:
                 last = f"{_text(record.get('state'), 20)}: {_text(record.get('step'), 200)}"
-                with self.job.lock:
-                    entry["step"] = last
+                self.job.update_entry("agents", entry, step=last)
             time.sleep(agent_poll_interval(time.monotonic() - started))
         self._mark(entry, LOST, f"no final state within {self.settings.rollout_agent_timeout:g} s"
                                 f" (last: {last})")
@@ -4084,7 +4102,7 @@ class Client:
             if not self.as_json:
                 for entry in rollout.get("agents") or []:
                     state = entry.get("state")
-                    if state == "updating" and entry.get("agent") not in outcomes:
+                    if state == UPDATING and entry.get("agent") not in outcomes:
                         outcomes[entry.get("agent")] = state
                         self.stamp(f"agent {entry.get('agent')} (batch {entry.get('batch')}): "
                                    "updating")

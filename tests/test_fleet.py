@@ -515,3 +515,25 @@ def test_concurrent_agents_requests_share_one_fan_out(tmp_path):
     finally:
         running.close()
         agent.close()
+
+
+@pytest.mark.parametrize("failing", ["every durable save", "the save before a POST"])
+def test_a_rollout_whose_record_cannot_be_saved_ends_halted_and_sends_nothing(rollout, failing):
+    """A durable save that fails (a full disk) never leaves the rollout `rolling` with nothing
+    running it, and an agent whose `updating` mark is not on disk is not sent its update."""
+    hub, managers = rollout(["succeeded"] * 3, rollout_batches="1,100%")
+    job = hub.rollout.job
+    real = job._save
+
+    def save(durable=False):
+        updating = any(e["state"] == bam.UPDATING for e in job.fields.get("agents") or ())
+        if durable and (failing == "every durable save" or updating):
+            raise OSError(28, "No space left on device")
+        return real(durable)
+    job._save = save
+    record = roll(hub, timeout=30)
+    assert not hub.rollout.running()
+    assert record["state"] == "halted", record
+    assert "No space left on device" in record["error"] or "No space left on device" in str(
+        [e["error"] for e in record["agents"]]), record
+    assert [m.posts for m in managers] == [[], [], []]
