@@ -2,9 +2,19 @@
 """backend-ai-manager: start, stop, inspect, update and roll back one systemd service over HTTP.
 
 One file, standard library only, Python 3.9+. Runs on every host of the fleet on port 3081 and
-controls exactly one local unit (the hub or an agent); README.md describes the API. This file
-reads top-down: errors, settings, logging, commands, systemd, releases (download, extract, swap),
-the update job, the HTTP API, and the command line.
+controls exactly one local unit (the hub or an agent); README.md describes the API. It reads
+top-down, each section using only what the sections above it define:
+
+    core       errors, test failpoints, file helpers, logging, running a command, shared calls
+    settings   every option declared once, resolved and validated before the port is bound
+    systemd    systemctl and journalctl for the one unit
+    wire       HTTP/1.1 both ways: the head parser and framing, the one client, agent fan-out
+    archive    the strict tar reader and extractor (download, gunzip, unpack), the tar writer
+    releases   the on-disk layout: kept releases, the `current` switch, the install's links
+    update     the update and rollback job, its record, its recovery after a crash
+    fleet      the hub's view of its agents, and the rollout of a release to them
+    server     the endpoints, the checks every request passes, the server loop, the watchdog
+    cli        the operator's client, install/uninstall, check, serve, main
 
     python3 backend_ai_manager.py serve --role hub
 """
@@ -43,10 +53,14 @@ log = logging.getLogger("backend-ai-manager")
 
 
 # ============================================================================================
-# Errors: one small hierarchy. Below the HTTP layer an error says what went wrong, never which
-# HTTP status it is; the HTTP layer turns any of them into the one JSON error shape
-# (error_answer(), in the HTTP section).
+# Core: the errors (one small hierarchy: below the HTTP layer an error says what went wrong,
+# never which HTTP status it is; error_answer() in the server turns any of them into the one
+# JSON error shape), test failpoints, file helpers, logging (one line per event on stderr;
+# under journald each line carries its priority: sd-daemon(3)), running a command (the one
+# place that runs another program: argument list, small fixed environment, a timeout that
+# kills the whole process group), and one call shared by concurrent callers.
 # ============================================================================================
+
 
 class ManagerError(Exception):
     """Anything the manager refuses or fails at; `message` says what was wrong, with the value."""
@@ -84,6 +98,32 @@ class NoSuchRelease(ReleaseError):
     """The NAS has no file at the release's URL (it answered 404)."""
 
 
+class HttpError(ManagerError):
+    """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
+    a missing token, a refused client."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class WouldWait(Exception):
+    """An answer made by the connection thread (Api.instant) would have to wait for a lock or a
+    systemctl call: a worker makes it instead."""
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class ClientError(ManagerError):
+    """The command cannot be done; `code` is its exit status."""
+
+    def __init__(self, message, code=EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
 # Failpoints for the crash tests: BACKEND_AI_FAILPOINT=NAME[:N] makes the manager SIGKILL itself
 # the Nth time it passes failpoint(NAME), to prove that a crash at that instant leaves a complete
 # install that the next start recovers. Unset (always, outside tests) it costs one comparison.
@@ -98,10 +138,168 @@ def failpoint(name):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class JournalFormatter(logging.Formatter):
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def __init__(self, journal):
+        super().__init__("%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s")
+        self.journal = journal
+
+    def format(self, record):
+        text = super().format(record)
+        if not self.journal:
+            return text
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def setup_logging(log_requests=False):
+    handler = logging.StreamHandler(sys.stderr)
+    # systemd sets JOURNAL_STREAM when stderr goes to the journal (systemd.exec(5)).
+    handler.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    # successful GETs and HEADs are DEBUG lines of this child logger (see log_answer)
+    logging.getLogger("backend-ai-manager.requests").setLevel(
+        logging.DEBUG if log_requests else logging.INFO)
+
+
+def sd_notify(message):
+    """Send one datagram to $NOTIFY_SOCKET (sd_notify(3)); does nothing without it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+        return False
+
+
+COMMAND_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8", "TZ": "UTC", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "cat",
+    "PAGER": "cat", "SYSTEMD_LESS": "",
+}
+
+
+class CommandResult:
+    def __init__(self, argv, code, out, err, timed_out):
+        self.argv, self.code, self.out, self.err, self.timed_out = argv, code, out, err, timed_out
+
+    @property
+    def ok(self):
+        return self.code == 0 and not self.timed_out
+
+    def message(self):
+        """systemd's own words for a failure, for the API's error field."""
+        text = (self.err.strip() or self.out.strip() or f"exit status {self.code}")
+        if self.timed_out:
+            return f"'{' '.join(self.argv)}' timed out"
+        return f"'{' '.join(self.argv)}' failed: {text}"
+
+
+def run_command(argv, timeout):
+    """Run argv; return a CommandResult. A timeout kills the process group (subprocess only
+    kills the direct child, so grandchildren would survive)."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=COMMAND_ENV, start_new_session=True)
+    except OSError as e:
+        return CommandResult(argv, 127, "", f"cannot run {argv[0]}: {e.strerror}", False)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        timed_out = True
+    return CommandResult(argv, proc.returncode, out.decode("utf-8", "replace"),
+                         err.decode("utf-8", "replace"), timed_out)
+
+
+class SingleFlight:
+    """One call at a time: callers that arrive while it runs wait and take its result (or its
+    error) instead of making their own. A caller of a newer generation does not join a call of
+    an older one, whose result may predate a change the caller knows of."""
+
+    class _Call:
+        def __init__(self, generation):
+            self.generation = generation
+            self.done = threading.Event()
+            self.result = self.error = None
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._call = None
+
+    def run(self, function, generation=0):
+        with self._lock:
+            call = self._call
+            leader = call is None or call.generation != generation
+            if leader:
+                call = self._call = self._Call(generation)
+        if leader:
+            try:
+                call.result = function()
+            except Exception as e:
+                call.error = e
+            finally:
+                with self._lock:
+                    if self._call is call:
+                        self._call = None
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error:
+            raise call.error
+        return call.result
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name):
+    """A function of the C library (os has no renameat2 or syncfs), or None where missing."""
+    try:
+        import ctypes
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 # ============================================================================================
 # Settings: declared once (flag, environment variable, per-role default, parser), resolved
 # role default < environment < flag, validated before the port is bound.
 # ============================================================================================
+
 
 ROLES = {
     "hub": {
@@ -147,7 +345,6 @@ COMMON_DEFAULTS = {
 # Settings only a hub takes: an agent given one (by flag or variable) refuses to start.
 HUB_ONLY = ("agents", "agent_token_file", "rollout_batches", "rollout_parallel",
             "rollout_max_failures", "rollout_agent_timeout")
-
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}\.service$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 
@@ -216,6 +413,24 @@ def _http_url(text, allow_empty=False):
     except ValueError:
         raise ValueError("expected an http:// or https:// URL") from None
     return text
+
+
+def split_url(url):
+    """(scheme, host, port, path-and-query) of an http:// or https:// URL; ValueError if it is
+    not one. The host may be a name, an IPv4 address or a bracketed IPv6 address."""
+    match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s]+)(?::([0-9]{1,5}))?"
+                         r"([/?][^#\s]*)?(#\S*)?", url)
+    if not match:
+        raise ValueError(f"not an http:// or https:// URL: {url!r}")
+    scheme, host, port, path = match.group(1), match.group(2), match.group(3), match.group(4)
+    port = int(port) if port else (443 if scheme == "https" else 80)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {url!r}")
+    if not path:
+        path = "/"
+    elif path.startswith("?"):
+        path = "/" + path
+    return scheme, host.strip("[]"), port, path
 
 
 def _nas_url(text):
@@ -502,109 +717,10 @@ def resolve_settings(flags, environ):
 
 
 # ============================================================================================
-# Logging: one line per event on stderr; under journald each line carries its priority
-# (<3> error, <4> warning, <6> info: sd-daemon(3), SyslogLevelPrefix= in systemd.exec(5)).
-# ============================================================================================
-
-class JournalFormatter(logging.Formatter):
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                logging.CRITICAL: 2}
-
-    def __init__(self, journal):
-        super().__init__("%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s")
-        self.journal = journal
-
-    def format(self, record):
-        text = super().format(record)
-        if not self.journal:
-            return text
-        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
-        return "\n".join(prefix + line for line in text.splitlines())
-
-
-def setup_logging(log_requests=False):
-    handler = logging.StreamHandler(sys.stderr)
-    # systemd sets JOURNAL_STREAM when stderr goes to the journal (systemd.exec(5)).
-    handler.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    # successful GETs and HEADs are DEBUG lines of this child logger (see log_answer)
-    logging.getLogger("backend-ai-manager.requests").setLevel(
-        logging.DEBUG if log_requests else logging.INFO)
-
-
-def sd_notify(message):
-    """Send one datagram to $NOTIFY_SOCKET (sd_notify(3)); does nothing without it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify failed: %s", e)
-        return False
-
-
-# ============================================================================================
-# Commands: the one place that runs another program. Argument list, small fixed environment
-# (no inherited SYSTEMD_COLORS or pager), timeout that kills the whole process group.
-# ============================================================================================
-
-COMMAND_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LC_ALL": "C.UTF-8", "TZ": "UTC", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "cat",
-    "PAGER": "cat", "SYSTEMD_LESS": "",
-}
-
-
-class CommandResult:
-    def __init__(self, argv, code, out, err, timed_out):
-        self.argv, self.code, self.out, self.err, self.timed_out = argv, code, out, err, timed_out
-
-    @property
-    def ok(self):
-        return self.code == 0 and not self.timed_out
-
-    def message(self):
-        """systemd's own words for a failure, for the API's error field."""
-        text = (self.err.strip() or self.out.strip() or f"exit status {self.code}")
-        if self.timed_out:
-            return f"'{' '.join(self.argv)}' timed out"
-        return f"'{' '.join(self.argv)}' failed: {text}"
-
-
-def run_command(argv, timeout):
-    """Run argv; return a CommandResult. A timeout kills the process group (subprocess only
-    kills the direct child, so grandchildren would survive)."""
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=COMMAND_ENV, start_new_session=True)
-    except OSError as e:
-        return CommandResult(argv, 127, "", f"cannot run {argv[0]}: {e.strerror}", False)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        timed_out = True
-    return CommandResult(argv, proc.returncode, out.decode("utf-8", "replace"),
-                         err.decode("utf-8", "replace"), timed_out)
-
-
-# ============================================================================================
 # systemd adapter: systemctl and journalctl for one unit. Parses Key=Value output (the order of
 # `systemctl show -p` is D-Bus order, not -p order) and never maps exit codes to states.
 # ============================================================================================
+
 
 SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ActiveEnterTimestamp",
                    "NRestarts", "Result")
@@ -627,44 +743,6 @@ def parse_timestamp(text):
     if match:
         return f"{match.group(1)}T{match.group(2)}Z"
     return text.strip() or None
-
-
-class SingleFlight:
-    """One call at a time: callers that arrive while it runs wait and take its result (or its
-    error) instead of making their own. A caller of a newer generation does not join a call of
-    an older one, whose result may predate a change the caller knows of."""
-
-    class _Call:
-        def __init__(self, generation):
-            self.generation = generation
-            self.done = threading.Event()
-            self.result = self.error = None
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._call = None
-
-    def run(self, function, generation=0):
-        with self._lock:
-            call = self._call
-            leader = call is None or call.generation != generation
-            if leader:
-                call = self._call = self._Call(generation)
-        if leader:
-            try:
-                call.result = function()
-            except Exception as e:
-                call.error = e
-            finally:
-                with self._lock:
-                    if self._call is call:
-                        self._call = None
-                call.done.set()
-        else:
-            call.done.wait()
-        if call.error:
-            raise call.error
-        return call.result
 
 
 class Systemd:
@@ -758,13 +836,590 @@ class Systemd:
         return result.out
 
 
+# The hardening that makes systemd mount a fresh /proc for the unit: refused inside a Proxmox
+# container without nesting (its AppArmor profile allows proc only at /proc), where the unit
+# would die with status 226/NAMESPACE before the manager runs. So it lives in a drop-in that
+# `install` writes only when a probe with the same properties passes.
+NAMESPACE_HARDENING = ("ProtectKernelTunables=yes", "ProtectControlGroups=yes")
+
+
+def running_hardening(cgroup_file="/proc/self/cgroup"):
+    """For /status: "full" when the unit this manager runs in has the namespace hardening of
+    the drop-in in effect, "without the namespace drop-in" when it does not, "not a systemd
+    service" outside a unit. Asked of systemd once, at start."""
+    try:
+        with open(cgroup_file) as f:
+            unit = f.read().strip().splitlines()[-1].rpartition("/")[2]
+    except (OSError, IndexError):
+        unit = ""
+    if not unit.endswith(".service") or not os.environ.get("INVOCATION_ID"):
+        return "not a systemd service"
+    result = run_command(["systemctl", "show", unit, "-p",
+                          ",".join(p.partition("=")[0] for p in NAMESPACE_HARDENING)], 15)
+    props = parse_show(result.out) if result.ok else {}
+    if all(props.get(k) == v for k, _, v in (p.partition("=") for p in NAMESPACE_HARDENING)):
+        return "full"
+    return "without the namespace drop-in"
+
+
 # ============================================================================================
-# Release download and safe extraction. No tarfile.extract/extractall: their filters are absent
-# on Debian's 3.11.2 and 3.9.2 and have been bypassed repeatedly (CVE-2025-4517, -4330, -4138,
-# CVE-2024-12718). Every member is checked and written by us into a fresh directory.
+# HTTP/1.1 on the wire, both ways: one head parser and one framing for requests (the server's)
+# and answers (the client's); one client (a deadline for every step, every address tried, TLS
+# for https://, no proxies, no redirects unless asked, bounded answers) for the NAS download,
+# the health gate, the hub's calls to its agents and the operator's client, with one place
+# that opens outbound connections (_connect). Many agent calls run at once in one thread on a
+# selector (run_agent_calls), built on the same pieces.
 # ============================================================================================
 
+
 CHUNK = 64 << 10  # the pieces the download, gunzip and extraction hand on (memory: see README)
+
+
+class HttpClientError(ReleaseError):
+    """A GET that got no usable answer: no connection, a timeout, a malformed answer."""
+
+
+HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line of a head (a bare LF ends a line too)
+MAX_HEAD = 65536
+
+
+MAX_BODY = 4096
+
+
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\r?$")
+
+
+def parse_header_lines(lines, error):
+    """{lower-case name: [values]} of a head's header lines (bytes), for requests and answers
+    alike; `error(text)` makes the exception raised for a line that is not `token: value`
+    (strict where parsers disagree, RFC 9112 5) or continued on the next (obsolete folding)."""
+    headers = {}
+    for raw_line in lines:
+        if raw_line[:1] in (b" ", b"\t"):
+            raise error("folded header lines are not accepted")
+        name, sep, value = raw_line.rstrip(b"\r").decode("latin-1").partition(":")
+        if not sep or not TOKEN.fullmatch(name) or any(c in value for c in "\0\r"):
+            raise error(f"malformed header line {raw_line[:60]!r}")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    return headers
+
+
+class HttpRequest:
+    """One request as the server read it. `close`: the connection ends after the answer
+    (HTTP/1.0 without keep-alive, `Connection: close`, or a body that could not be framed)."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "close",
+                 "client", "started", "instant")
+
+    def __init__(self, client, started):
+        self.client, self.started = client, started
+        self.instant = False  # answered by the connection thread: never wait (WouldWait)
+        self.method = self.target = self.path = self.version = None
+        self.query, self.headers, self.body, self.close = "", {}, b"", True
+
+    def header(self, name, default=""):
+        values = self.headers.get(name)
+        return values[0] if values else default
+
+    def json(self):
+        try:
+            data = json.loads(self.body.decode("utf-8") if self.body else "")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return data
+
+    def query_values(self, name):
+        """The values of query parameter `name`, %-decoded (as parse_qs)."""
+        found = []
+        for part in self.query.split("&"):
+            key, _, value = part.partition("=")
+            if _unquote(key) == name:
+                found.append(_unquote(value))
+        return found
+
+
+def _unquote(text):
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                 text.replace("+", " ").encode("latin-1", "replace"))
+    return raw.decode("utf-8", "replace")
+
+
+def read_request(buf, client):
+    """The first request in `buf`: (bytes it takes, HttpRequest, None), or (bytes, HttpRequest,
+    the error to answer) for a request refused as malformed; None while the head is not whole,
+    (bytes, None, None) while its body is not (the caller waits for that many bytes instead
+    of parsing the head again at every read). Framing and parsing are one step: the body's
+    length comes from the headers the strict parser accepted, so no request can be framed one
+    way and parsed another (request smuggling). A refused request closes its connection after
+    the answer (request.close), so nothing after it is read as another request."""
+    match = HEAD_END.search(buf)
+    if not match and len(buf) <= MAX_HEAD:
+        return None
+    request = HttpRequest(client, time.monotonic())
+    end = match.end() if match else len(buf)
+    try:
+        if not match or match.start() > MAX_HEAD:
+            raise HttpError(431, f"request head over {MAX_HEAD} bytes")
+        parse_head(request, bytes(buf[:match.start()]))
+        length = body_length(request)
+    except ManagerError as e:
+        request.close = True
+        return end, request, e
+    if len(buf) < end + length:
+        return end + length, None, None
+    request.body = bytes(buf[end:end + length])
+    return end + length, request, None
+
+
+def parse_head(request, head):
+    """Fill `request` from its head (the bytes before the empty line); raise HttpError for
+    anything malformed. Strict where parsers disagree: a header line that is not
+    `token: value`, or one continued on the next line (obsolete folding, RFC 9112 5.2), is
+    refused rather than guessed at."""
+    lines = head.split(b"\n")
+    line = lines[0].rstrip(b"\r").decode("latin-1")
+    if len(line) > 65536:
+        raise HttpError(414, "request line over 65536 bytes")
+    words = line.split()
+    if len(words) == 3:
+        request.method, request.target, request.version = words
+        version = re.fullmatch(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})", request.version)
+        if not version:
+            raise HttpError(400, f"bad request version {request.version[:40]!r}")
+        if (int(version.group(1)), int(version.group(2))) not in ((1, 0), (1, 1)):
+            raise HttpError(400, f"unsupported HTTP version in {line[:80]!r}: use HTTP/1.0 "
+                                 "or HTTP/1.1")
+    elif len(words) == 2 and words[0] == "GET":  # the HTTP/0.9 form: answered, then closed
+        request.method, request.target, request.version = words[0], words[1], "HTTP/0.9"
+    else:
+        raise HttpError(400, f"bad request line {line[:80]!r}")
+    if len(lines) > 101:
+        raise HttpError(431, "more than 100 header lines")
+    request.headers = headers = parse_header_lines(lines[1:], lambda text: HttpError(400, text))
+    if len(headers.get("host", ())) > 1:
+        raise HttpError(400, "more than one Host header")  # RFC 9112 3.2
+    connection = {t.strip().lower() for t in request.header("connection").split(",")}
+    if "close" not in connection:  # RFC 9112 9.3
+        request.close = not (request.version == "HTTP/1.1" or (
+            request.version == "HTTP/1.0" and "keep-alive" in connection))
+    target = request.target
+    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        target = "/" + target.split("//", 1)[1].partition("/")[2]  # absolute form
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")
+    target = target.partition("#")[0]
+    request.path, _, request.query = target.partition("?")
+
+
+def body_length(request):
+    """The length of the body: exactly Content-Length bytes follow the head (none without
+    it). Transfer-Encoding, an odd or repeated Content-Length, or one over MAX_BODY cannot be
+    framed safely: an error, and the connection closes."""
+    if request.headers.get("transfer-encoding"):
+        raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
+    lengths = request.headers.get("content-length") or []
+    if not lengths:
+        return 0
+    if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
+        raise InvalidInput(f"invalid Content-Length {lengths!r}")
+    length = int(lengths[0])
+    if length > MAX_BODY:
+        raise HttpError(413, f"request body of {length} bytes is over the limit of "
+                             f"{MAX_BODY} bytes")
+    return length
+
+
+def request_bytes(method, netloc, path, headers=(), body=None):
+    """An HTTP/1.1 request of this manager's clients: `Connection: close`, and a JSON body
+    with its Content-Length when `body` is not None."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {netloc}",
+             f"User-Agent: backend-ai-manager/{__version__}", "Connection: close", *headers]
+    data = b"" if body is None else json.dumps(body).encode()
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+
+class HttpResponse:
+    """An answer read from `sock` (or, with sock None, from the bytes `buffered` alone):
+    `status`, `reason`, `headers` (lower-case name -> first value) and the body, de-chunked
+    and bounded by Content-Length, through read1() (at most one recv) and read(). The head is
+    parsed by the server's own header parser; an answer framed two ways (two different
+    Content-Lengths) is refused. A body cut short is an error, never a short success. With a
+    `deadline` (time.monotonic()), no read waits past it: a server trickling its answer a
+    byte at a time cannot hold the caller longer."""
+
+    def __init__(self, sock, buffered, timeout=None, deadline=None):
+        self.sock = sock
+        self._buf = bytes(buffered)
+        self._eof = sock is None
+        self._timeout, self._deadline = timeout, deadline
+        lines = self._head().split(b"\n")
+        match = STATUS_LINE.fullmatch(lines[0])
+        if not match:
+            raise HttpClientError(f"malformed answer: {lines[0][:80]!r}")
+        self.status = int(match.group(1))
+        self.reason = (match.group(2) or b"").decode("latin-1").strip()
+        if len(lines) > 101:
+            raise HttpClientError("malformed answer: more than 100 header lines")
+        fields = parse_header_lines(lines[1:], lambda text: HttpClientError(
+            f"malformed answer: {text}"))
+        self.headers = {name: values[0] for name, values in fields.items()}
+        lengths = set(fields.get("content-length", ()))
+        self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        if not self._chunked and (len(lengths) > 1 or not all(
+                re.fullmatch(r"[0-9]{1,18}", n) for n in lengths)):
+            raise HttpClientError(f"malformed answer: Content-Length {sorted(lengths)!r}")
+        self._left = int(lengths.pop()) if lengths and not self._chunked else None
+        self._chunk_left = 0
+
+    def _recv(self):
+        if self._eof:
+            return b""
+        if self._deadline is not None:
+            self.sock.settimeout(_time_left(self._timeout, self._deadline))
+        data = self.sock.recv(CHUNK)
+        if not data:
+            self._eof = True
+        return data
+
+    def _head(self):
+        while True:
+            match = HEAD_END.search(self._buf)
+            if match and match.start() <= MAX_HEAD:
+                head, self._buf = self._buf[:match.start()], self._buf[match.end():]
+                return head
+            if len(self._buf) > MAX_HEAD:
+                raise HttpClientError("malformed answer: a head over 64 KiB")
+            data = self._recv()
+            if not data:
+                raise HttpClientError("the server closed the connection without an answer")
+            self._buf += data
+
+    def _raw(self, size):
+        """Up to `size` bytes of the connection, buffered ones first (at most one recv)."""
+        if not self._buf and not self._eof:
+            self._buf = self._recv()
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def _line(self):
+        while b"\r\n" not in self._buf:
+            if len(self._buf) > 4096 or self._eof:
+                raise HttpClientError("malformed chunked answer")
+            self._buf += self._recv()
+        line, _, self._buf = self._buf.partition(b"\r\n")
+        return line
+
+    def read1(self, size=CHUNK):
+        """Up to `size` bytes of the body (at most one recv); b"" at its end."""
+        try:
+            if self._chunked:
+                if self._chunk_left is None:  # the last chunk was read
+                    return b""
+                if self._chunk_left == 0:
+                    size_line = self._line().split(b";")[0].strip()
+                    if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_line):
+                        raise HttpClientError("malformed chunked answer")
+                    self._chunk_left = int(size_line, 16)
+                    if self._chunk_left == 0:
+                        self._chunk_left = None
+                        return b""
+                data = self._raw(min(size, self._chunk_left))
+                if not data:
+                    raise HttpClientError("truncated: the answer ended inside a chunk")
+                self._chunk_left -= len(data)
+                if self._chunk_left == 0 and self._line() != b"":
+                    raise HttpClientError("malformed chunked answer")
+                return data
+            if self._left is not None:
+                if self._left <= 0:
+                    return b""
+                size = min(size, self._left)
+            data = self._raw(size)
+            if self._left is not None:
+                if not data:
+                    raise HttpClientError(f"truncated: the answer ended {self._left} bytes "
+                                          "short of its Content-Length")
+                self._left -= len(data)
+            return data
+        except socket.timeout:
+            raise HttpClientError("timed out waiting for the server") from None
+        except OSError as e:  # a reset, a TLS error: as much an answer cut short
+            raise HttpClientError(f"the connection failed: {e.strerror or e}") from None
+
+    def read(self, size=-1):
+        """Up to `size` bytes (all if negative), through as many reads as that takes."""
+        parts, got = [], 0
+        while size < 0 or got < size:
+            data = self.read1(CHUNK if size < 0 else min(CHUNK, size - got))
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def http_get(url, timeout, headers=None, deadline=None):
+    """GET `url` over HTTP/1.1 (https:// through ssl, imported only then), without proxies,
+    without following redirects; `timeout` per socket operation, and no wait past `deadline`
+    (time.monotonic(); None: no overall limit). Returns the HttpResponse, whatever its status;
+    raises HttpClientError if there is no answer."""
+    scheme, host, port, path = split_url(url)
+    try:
+        sock = _connect(host, port, timeout, deadline)
+    except UnicodeError:
+        raise HttpClientError(f"cannot connect to {host[:100]!r}: not a valid host "
+                              "name") from None
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
+    try:
+        if scheme == "https":
+            import ssl
+            sock.settimeout(_time_left(timeout, deadline))
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        netloc = f"[{host}]" if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            netloc += f":{port}"
+        sock.settimeout(_time_left(timeout, deadline))
+        sock.sendall(request_bytes("GET", netloc, path, ["Accept-Encoding: identity"] + [
+            f"{k}: {v}" for k, v in (headers or {}).items()]))
+        return HttpResponse(sock, b"", timeout, deadline)
+    except HttpClientError:
+        sock.close()
+        raise
+    except (OSError, ValueError) as e:
+        sock.close()
+        reason = "timed out" if isinstance(e, socket.timeout) else (
+            getattr(e, "strerror", None) or str(e))
+        raise HttpClientError(f"no answer from {host}:{port}: {reason}") from None
+
+
+def _time_left(timeout, deadline):
+    """The timeout of the next socket operation: `timeout`, or less so as to end by
+    `deadline` (None: no overall limit); socket.timeout once the deadline has passed."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("past the deadline")
+    return left if timeout is None else min(timeout, left)
+
+
+def _connect(host, port, timeout, deadline=None):
+    """The one place that opens a connection to another host (the NAS, a health URL, an
+    agent, a manager for the client). An IP address is used as it is (no resolver); a name is
+    resolved, as bytes (a str is encoded with the idna codec, 0.2 MB of modules; UnicodeError
+    for a name it refuses). With timeout 0: a non-blocking socket whose connection to the
+    first address is under way, for a selector. Otherwise a connected socket, each address
+    tried with only the time left before `deadline` (socket.create_connection gives each the
+    whole timeout: an unreachable IPv6 address would double the wait for the IPv4 one)."""
+    try:
+        literal = ipaddress.ip_address(host)
+        addresses = [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET,
+                      (host, port))]
+    except ValueError:
+        name = host.encode("ascii") if host.isascii() else host.encode("idna")
+        addresses = [(family, address) for family, _, _, _, address in socket.getaddrinfo(
+            name, port, 0, socket.SOCK_STREAM)]
+    error = OSError(f"no address for {host!r}")
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if timeout == 0:
+                sock.setblocking(False)
+                err = sock.connect_ex(address)
+                if err not in (0, errno.EINPROGRESS):
+                    raise OSError(err, os.strerror(err))
+                return sock
+            sock.settimeout(_time_left(timeout, deadline))
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+            if timeout == 0:
+                break
+    raise error
+
+
+def health_check(url, timeout, redirects=5, deadline=None):
+    """The HTTP status of GET `url`, following up to `redirects` redirects (a health URL may
+    point at a login page or a trailing slash), all of it before `deadline` if given."""
+    for _ in range(redirects + 1):
+        with http_get(url, timeout, deadline=deadline) as response:
+            location = response.headers.get("location", "")
+            if response.status not in (301, 302, 303, 307, 308) or not location:
+                return response.status
+        if location.startswith("/"):
+            scheme, host, port, _ = split_url(url)
+            host = f"[{host}]" if ":" in host else host
+            location = f"{scheme}://{host}:{port}{location}"
+        try:
+            split_url(location)
+        except ValueError:
+            raise HttpClientError(f"redirect to {location[:200]!r}, not an http(s) URL") from None
+        url = location
+    raise HttpClientError(f"more than {redirects} redirects")
+
+
+def open_url(url, timeout, deadline=None):
+    """GET a file of the NAS; returns the 200 response or raises ReleaseError (NoSuchRelease for
+    HTTP 404). A redirect is an error: the NAS is a plain file server."""
+    try:
+        response = http_get(url, timeout, deadline=deadline)
+    except HttpClientError as e:
+        raise ReleaseError(f"cannot download {url}: {e.message}") from None
+    if response.status == 200:
+        return response
+    response.close()
+    if response.status == 404:
+        raise NoSuchRelease(f"the NAS has no file {url} (HTTP 404)")
+    if 300 <= response.status < 400:
+        raise ReleaseError(f"the NAS answered {response.status} redirect to "
+                           f"{response.headers.get('location', '?')}; redirects are not "
+                           "followed")
+    raise ReleaseError(f"the NAS answered HTTP {response.status} {response.reason} for {url}")
+
+
+AGENT_CONNECT_TIMEOUT = 2.0   # seconds to connect to an agent's manager
+AGENT_STATUS_DEADLINE = 5.0   # seconds for a whole GET /status answer
+MAX_AGENT_ANSWER = 64 << 10   # bytes an agent's answer may have, head included
+
+
+class AgentCall:
+    """One HTTP/1.1 request to an agent's manager (or, for the client, any manager), driven
+    by run_agent_calls(). Afterwards `answered` (an HTTP status line came back), `status` and
+    `payload` (the JSON object answered; None unless the whole answer was good), `error` (None
+    or what went wrong) and `rtt_ms`."""
+
+    def __init__(self, agent, method, path, body=None, token=None):
+        self.agent, self.method, self.path = agent, method, path
+        self.status = self.payload = self.error = self.rtt_ms = None
+        self.answered = False
+        self.sock = None
+        self.received = bytearray()
+        self.limit = MAX_AGENT_ANSWER  # bytes the answer may have, head included
+        headers = ["Accept: application/json"]
+        if token:
+            headers.append(f"Authorization: Bearer {token}")
+        self.outgoing = request_bytes(method, agent, path, headers, body)
+
+    def fail(self, error):
+        if self.error is None and self.status is None:
+            self.error = error
+        self.close()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def finish(self):
+        """Parse what was received once the agent closed (the request asked it to), with the
+        same head parser and framing as every other answer."""
+        try:
+            response = HttpResponse(None, self.received)
+            self.answered = True
+            body = response.read()
+        except HttpClientError as e:
+            return self.fail(e.message)
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return self.fail(f"malformed answer (HTTP {response.status}): not JSON")
+        if not isinstance(payload, dict):
+            return self.fail("malformed answer: not a JSON object")
+        self.status, self.payload = response.status, payload
+        self.close()
+
+
+def run_agent_calls(calls, connect_timeout, deadline):
+    """Run every AgentCall at once, until each has its answer or its deadline passed."""
+    started = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        for call in calls:
+            host, _, port = call.agent.rpartition(":")
+            try:
+                call.sock = _connect(host.strip("[]"), int(port), 0)
+            except (OSError, UnicodeError) as e:
+                call.fail(f"cannot connect: {getattr(e, 'strerror', None) or e}")
+                continue
+            selector.register(call.sock, selectors.EVENT_WRITE, call)
+        connected = set()
+        while selector.get_map():
+            now = time.monotonic()
+            if now - started >= deadline:
+                break
+            for key in list(selector.get_map().values()):
+                call = key.data
+                if call not in connected and now - started >= connect_timeout:
+                    selector.unregister(key.fileobj)
+                    call.fail(f"no connection within {connect_timeout:g} s")
+            for key, events in selector.select(timeout=0.05):
+                call = key.data
+                try:
+                    if call not in connected:
+                        err = call.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, os.strerror(err))
+                        connected.add(call)
+                    if call.outgoing:
+                        call.outgoing = call.outgoing[call.sock.send(call.outgoing):]
+                        if not call.outgoing:
+                            selector.modify(call.sock, selectors.EVENT_READ, call)
+                        continue
+                    data = call.sock.recv(65536)
+                    if data:
+                        call.received += data
+                        call.answered = call.answered or bool(
+                            STATUS_LINE.match(call.received.partition(b"\n")[0]))
+                        if len(call.received) > call.limit:
+                            raise ValueError(f"answer over {call.limit} bytes")
+                        continue
+                    selector.unregister(call.sock)
+                    call.finish()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except (OSError, ValueError) as e:
+                    selector.unregister(key.fileobj)
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    call.fail(reason if isinstance(e, ValueError) else f"connection failed: "
+                              f"{reason}")
+                if call.sock is None or call.status is not None:
+                    call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
+        for key in list(selector.get_map().values()):
+            key.data.fail(f"no answer within {deadline:g} s")
+    for call in calls:
+        call.close()
+        if call.rtt_ms is None and call.status is not None:
+            call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
+    return calls
+
+
+# ============================================================================================
+# Archives: reading a release tarball safely, and writing one (pack). No
+# tarfile.extract/extractall: their filters are absent on Debian's 3.11.2 and 3.9.2 and have been
+# bypassed repeatedly (CVE-2025-4517, -4330, -4138, CVE-2024-12718). Every member is checked and
+# written by us into a fresh directory. The writer makes reproducible tarballs and checks them
+# with the reader.
+# ============================================================================================
 
 
 class Download:
@@ -1066,11 +1721,7 @@ class WriterPool:
 
 MAX_EXTENDED_HEADER = 1 << 20  # one pax or GNU long-name block
 MAX_EXTENDED_TOTAL = 16 << 20   # all of them in one archive
-
-
 _OCTAL = re.compile(rb"[0-7]*").fullmatch
-
-
 # Tar member types (POSIX ustar, pax and GNU), as the header's type byte.
 REGTYPE, AREGTYPE, LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE, CONTTYPE = (
     b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7")
@@ -1487,6 +2138,243 @@ def read_package_json(path):
     return data["version"], name if isinstance(name, str) else None
 
 
+def parse_checksum(text):
+    """`sha256sum` output ('<64 hex>  <file>') or a bare digest -> lower-case hex digest."""
+    match = re.match(r"^\s*([0-9a-fA-F]{64})(\s|$)", text)
+    if not match:
+        raise ReleaseError("the .sha256 file holds no SHA-256 digest")
+    return match.group(1).lower()
+
+
+def verify_release(tree, version, digest, expected_digest):
+    """Check a release unpacked at `tree` before anything is switched: the tarball's SHA-256
+    against the .sha256 file's (if there was one), the version its package.json names, and
+    its dist/ folder. Raises ReleaseError saying what is wrong."""
+    if expected_digest and digest != expected_digest:
+        raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
+                           f"the .sha256 file says {expected_digest}")
+    found, _name = read_package_json(os.path.join(tree, "package.json"))
+    if found != version:
+        raise ReleaseError(f"the release's package.json says version {found!r}, not {version!r}")
+    if not os.path.isdir(os.path.join(tree, "dist")):
+        raise ReleaseError("the release has no dist/ folder")
+
+
+# --- pack: a release tarball of a build, reproducibly ------------------------------------------
+def _pax_record(key, value):
+    text = f" {key}={value}\n".encode("utf-8", "surrogateescape")
+    length = len(text) + 1
+    while len(str(length)) + len(text) != length:
+        length = len(str(length)) + len(text)
+    return str(length).encode() + text
+
+
+def _ustar_block(name, kind, size, mode, linkname):
+    def text(value, width):
+        return value.encode("utf-8", "surrogateescape")[:width].ljust(width, b"\0")
+
+    def number(value, width):
+        return b"%0*o\0" % (width - 1, value)
+
+    block = bytearray(text(name, 100) + number(mode, 8) + number(0, 8) + number(0, 8) +
+                      number(size, 12) + number(0, 12) + b" " * 8 + kind + text(linkname, 100) +
+                      b"ustar\x0000" + text("root", 32) + text("root", 32) + number(0, 8) +
+                      number(0, 8) + bytes(155) + bytes(12))
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def tar_header(name, kind, size=0, mode=0o644, linkname=""):
+    """The header block(s) of one member: ustar, with a pax header first when the name or link
+    does not fit ustar's fields (over 100 bytes, or not ASCII)."""
+    pax = {}
+    if len(name.encode("utf-8", "surrogateescape")) > 100 or not name.isascii():
+        pax["path"] = name
+    if len(linkname.encode("utf-8", "surrogateescape")) > 100 or not linkname.isascii():
+        pax["linkpath"] = linkname
+    if size >= 8 ** 11:
+        pax["size"] = str(size)
+    head = b""
+    if pax:
+        data = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
+        head = _ustar_block("././@PaxHeader", XHDTYPE, len(data), 0o644, "") + data + \
+            bytes(-len(data) % 512)
+    return head + _ustar_block(name, kind, size if size < 8 ** 11 else 0, mode, linkname)
+
+
+def walk_build(build):
+    """(name, kind, path, stat, link target) of every entry below `build`, folders before
+    their contents, names sorted; refuses what a release cannot hold. Never follows a
+    symlink."""
+    entries = []
+
+    def visit(folder, prefix):
+        with os.scandir(folder) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for entry in children:
+            name = prefix + entry.name
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(entry.path)
+                if not link_target_inside(name, target, ""):
+                    raise ClientError(f"{entry.path} is a symlink to {target!r}, outside the "
+                                      "build: a release may only link inside itself")
+                entries.append((name, SYMTYPE, entry.path, st, target))
+            elif stat.S_ISDIR(st.st_mode):
+                entries.append((name + "/", DIRTYPE, entry.path, st, ""))
+                visit(entry.path, name + "/")
+            elif stat.S_ISREG(st.st_mode):
+                entries.append((name, REGTYPE, entry.path, st, ""))
+            else:
+                raise ClientError(f"{entry.path} is not a file, folder or symlink")
+
+    visit(build, "")
+    return entries
+
+
+def pack_release(build, kind, out, say=print):
+    """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
+    package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
+    so the same build gives the same bytes. Checks the tarball with the manager's own
+    extractor before it replaces anything; returns the tarball's path and SHA-256."""
+    build = os.path.abspath(build)
+    try:
+        version, package_name = read_package_json(os.path.join(build, "package.json"))
+    except ReleaseError as e:
+        raise ClientError(f"not a build: {e.message}") from None
+    if not VERSION_RE.fullmatch(version):
+        raise ClientError(f"{build}/package.json has version {version!r}, not a plain version")
+    if not os.path.isdir(os.path.join(build, "dist")) or \
+            os.path.islink(os.path.join(build, "dist")):
+        raise ClientError(f"not a build: {build}/dist/ is missing")
+    folder = os.path.join(os.path.abspath(out), version)
+    target = os.path.join(folder, f"{kind}-{version}.tar.gz")
+    entries = walk_build(build)
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    temp = f"{target}.tmp-{os.getpid()}"
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    try:
+        with open(temp, "wb") as f:
+            gzip = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: no name, mtime 0
+
+            def put(data):
+                packed = gzip.compress(data)
+                digest.update(packed)
+                f.write(packed)
+
+            files = 0
+            for name, kind_byte, path, st, link in entries:
+                if kind_byte == REGTYPE:
+                    mode = 0o755 if st.st_mode & 0o111 else 0o644
+                    with open(path, "rb") as src:
+                        size = os.fstat(src.fileno()).st_size
+                        put(tar_header(name, REGTYPE, size, mode))
+                        left = size
+                        while left > 0:
+                            data = src.read(min(CHUNK, left))
+                            if not data:
+                                raise ClientError(f"{path} shrank while it was packed")
+                            put(data)
+                            left -= len(data)
+                        put(bytes(-size % 512))
+                    files += 1
+                elif kind_byte == DIRTYPE:
+                    put(tar_header(name, DIRTYPE, mode=0o755))
+                else:
+                    put(tar_header(name, SYMTYPE, mode=0o777, linkname=link))
+            put(bytes(1024))  # the end marker
+            tail = gzip.flush()
+            digest.update(tail)
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        say(f"packed {files} files, {len(entries) - files} folders and links of "
+            f"{package_name or kind}"
+            f" {version}: {os.path.getsize(temp)} bytes in {time.monotonic() - started:.1f} s")
+        check_pack(temp, build, entries, version)
+        say("checked: the manager's extractor unpacks exactly the build")
+        with open(f"{target}.sha256.tmp-{os.getpid()}", "w") as f:
+            f.write(f"{digest.hexdigest()}  {os.path.basename(target)}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.lexists(f"{target}.sha256"):
+            os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
+        os.replace(temp, target)
+        os.replace(f"{target}.sha256.tmp-{os.getpid()}", f"{target}.sha256")
+        _fsync_dir(folder)
+    finally:
+        for path in (temp, f"{target}.sha256.tmp-{os.getpid()}"):
+            if os.path.exists(path):
+                os.unlink(path)
+        if made and not os.listdir(folder):
+            os.rmdir(folder)  # a failed pack leaves nothing behind
+    return target, digest.hexdigest()
+
+
+class _FileBody:
+    """A file read like an HTTP answer's body, for unpack_release."""
+
+    def __init__(self, f):
+        self.f, self.headers = f, {"content-length": str(os.fstat(f.fileno()).st_size)}
+
+    def read1(self, size):
+        return self.f.read1(size)
+
+
+def check_pack(tarball, build, entries, version):
+    """Unpack `tarball` with the manager's extractor and compare it with the build: every name,
+    type, link target, exec bit and byte."""
+    scratch = f"{tarball}.check"
+    try:
+        with open(tarball, "rb") as f:
+            root, _, _ = unpack_release(_FileBody(f), scratch, time.monotonic() + 3600,
+                                        1 << 40, 1 << 42, 10_000_000, 1 << 40)
+        tree = os.path.join(scratch, root)
+        verify_release(tree, version, None, None)
+        for name, kind_byte, path, st, link in entries:
+            got = os.path.join(tree, name)
+            if kind_byte == SYMTYPE:
+                same = os.path.islink(got) and os.readlink(got) == link
+            elif kind_byte == DIRTYPE:
+                same = os.path.isdir(got) and not os.path.islink(got)
+            else:
+                same = os.path.isfile(got) and not os.path.islink(got) and \
+                    bool(os.stat(got).st_mode & 0o111) == bool(st.st_mode & 0o111) and \
+                    _same_bytes(got, path)
+            if not same:
+                raise ClientError(f"the packed release differs from the build at {name!r}")
+    except ReleaseError as e:
+        raise ClientError(f"the packed release does not unpack: {e.message}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(CHUNK), fb.read(CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+# ============================================================================================
+# Releases: the on-disk layout that makes the switch atomic.
+# 
+#   STATE/releases/000007-2.0.11/       complete releases, oldest first by sequence number
+#   STATE/current -> releases/000007-2.0.11      the one switch: a symlink replaced atomically
+#   STATE/staging/                      work in progress (downloads, extraction, deletions)
+#   INSTALL/dist -> STATE/current/dist  one stable link per top-level release entry
+#   INSTALL/config.json                 anything the release does not contain stays as it is
+# 
+# A release is written completely, synced, and only then `current` is switched with one
+# rename(2), so the install is the old release or the new one at every instant.
+# ============================================================================================
+
+
 def installed_version(settings):
     """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
     path = os.path.join(settings.install_dir, "package.json")
@@ -1499,307 +2387,7 @@ def installed_version(settings):
         raise ManagerError(f"cannot read the installed version: {e}") from None
 
 
-def parse_checksum(text):
-    """`sha256sum` output ('<64 hex>  <file>') or a bare digest -> lower-case hex digest."""
-    match = re.match(r"^\s*([0-9a-fA-F]{64})(\s|$)", text)
-    if not match:
-        raise ReleaseError("the .sha256 file holds no SHA-256 digest")
-    return match.group(1).lower()
-
-
-class HttpClientError(ReleaseError):
-    """A GET that got no usable answer: no connection, a timeout, a malformed answer."""
-
-
-def split_url(url):
-    """(scheme, host, port, path-and-query) of an http:// or https:// URL; ValueError if it is
-    not one. The host may be a name, an IPv4 address or a bracketed IPv6 address."""
-    match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s]+)(?::([0-9]{1,5}))?"
-                         r"([/?][^#\s]*)?(#\S*)?", url)
-    if not match:
-        raise ValueError(f"not an http:// or https:// URL: {url!r}")
-    scheme, host, port, path = match.group(1), match.group(2), match.group(3), match.group(4)
-    port = int(port) if port else (443 if scheme == "https" else 80)
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port in {url!r}")
-    if not path:
-        path = "/"
-    elif path.startswith("?"):
-        path = "/" + path
-    return scheme, host.strip("[]"), port, path
-
-
-class HttpResponse:
-    """The answer to http_get(): `status`, `reason`, `headers` (lower-case name -> value) and
-    the body, de-chunked and bounded by Content-Length, through read1() (at most one recv) and
-    read(). A body cut short ends early: callers that care compare with Content-Length. With a
-    `deadline` (time.monotonic()), no read waits past it: a server trickling its answer a byte
-    at a time cannot hold the caller longer."""
-
-    def __init__(self, sock, buffered, timeout=None, deadline=None):
-        self.sock = sock
-        self._buf = buffered
-        self._eof = False
-        self._timeout, self._deadline = timeout, deadline
-        head = self._head()
-        lines = head.decode("latin-1").split("\r\n")
-        match = re.fullmatch(r"HTTP/1\.[01] ([0-9]{3})(?: (.*))?", lines[0])
-        if not match:
-            raise HttpClientError(f"malformed answer: {lines[0][:80]!r}")
-        self.status, self.reason = int(match.group(1)), (match.group(2) or "").strip()
-        self.headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                self.headers.setdefault(name.strip().lower(), value.strip())
-        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        length = self.headers.get("content-length", "")
-        self._chunked = chunked
-        self._left = None if chunked or not length.isdigit() else int(length)
-        self._chunk_left = 0
-
-    def _recv(self):
-        if self._deadline is not None:
-            self.sock.settimeout(_time_left(self._timeout, self._deadline))
-        data = self.sock.recv(CHUNK)
-        if not data:
-            self._eof = True
-        return data
-
-    def _head(self):
-        while b"\r\n\r\n" not in self._buf:
-            if len(self._buf) > 65536:
-                raise HttpClientError("malformed answer: a head over 64 KiB")
-            data = self._recv()
-            if not data:
-                raise HttpClientError("the server closed the connection without an answer")
-            self._buf += data
-        head, _, self._buf = self._buf.partition(b"\r\n\r\n")
-        return head
-
-    def _raw(self, size):
-        """Up to `size` bytes of the connection, buffered ones first (at most one recv)."""
-        if not self._buf and not self._eof:
-            self._buf = self._recv()
-        data, self._buf = self._buf[:size], self._buf[size:]
-        return data
-
-    def _line(self):
-        while b"\r\n" not in self._buf:
-            if len(self._buf) > 4096 or self._eof:
-                raise HttpClientError("malformed chunked answer")
-            self._buf += self._recv()
-        line, _, self._buf = self._buf.partition(b"\r\n")
-        return line
-
-    def read1(self, size=CHUNK):
-        """Up to `size` bytes of the body (at most one recv); b"" at its end."""
-        try:
-            if self._chunked:
-                if self._chunk_left is None:  # the last chunk was read
-                    return b""
-                if self._chunk_left == 0:
-                    size_line = self._line().split(b";")[0].strip()
-                    if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_line):
-                        raise HttpClientError("malformed chunked answer")
-                    self._chunk_left = int(size_line, 16)
-                    if self._chunk_left == 0:
-                        self._chunk_left = None
-                        return b""
-                data = self._raw(min(size, self._chunk_left))
-                if not data:
-                    raise HttpClientError("truncated: the answer ended inside a chunk")
-                self._chunk_left -= len(data)
-                if self._chunk_left == 0 and self._line() != b"":
-                    raise HttpClientError("malformed chunked answer")
-                return data
-            if self._left is not None:
-                if self._left <= 0:
-                    return b""
-                size = min(size, self._left)
-            data = self._raw(size)
-            if self._left is not None:
-                if not data:
-                    raise HttpClientError(f"truncated: the answer ended {self._left} bytes "
-                                          "short of its Content-Length")
-                self._left -= len(data)
-            return data
-        except socket.timeout:
-            raise HttpClientError("timed out waiting for the server") from None
-        except OSError as e:  # a reset, a TLS error: as much an answer cut short
-            raise HttpClientError(f"the connection failed: {e.strerror or e}") from None
-
-    def read(self, size=-1):
-        """Up to `size` bytes (all if negative), through as many reads as that takes."""
-        parts, got = [], 0
-        while size < 0 or got < size:
-            data = self.read1(CHUNK if size < 0 else min(CHUNK, size - got))
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def http_get(url, timeout, headers=None, deadline=None):
-    """GET `url` over HTTP/1.1 (https:// through ssl, imported only then), without proxies,
-    without following redirects; `timeout` per socket operation, and no wait past `deadline`
-    (time.monotonic(); None: no overall limit). Returns the HttpResponse, whatever its status;
-    raises HttpClientError if there is no answer."""
-    scheme, host, port, path = split_url(url)
-    try:
-        # bytes: a str host is encoded with the idna codec, which loads 0.2 MB of modules
-        name = host.encode("ascii") if host.isascii() else host.encode("idna")
-    except UnicodeError:
-        raise HttpClientError(f"cannot connect to {host[:100]!r}: not a valid host "
-                              "name") from None
-    try:
-        sock = _connect(name, port, timeout, deadline)
-    except OSError as e:
-        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
-    try:
-        if scheme == "https":
-            import ssl
-            sock.settimeout(_time_left(timeout, deadline))
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        netloc = f"[{host}]" if ":" in host else host
-        if port != (443 if scheme == "https" else 80):
-            netloc += f":{port}"
-        lines = [f"GET {path} HTTP/1.1", f"Host: {netloc}",
-                 f"User-Agent: backend-ai-manager/{__version__}", "Accept-Encoding: identity",
-                 "Connection: close"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
-        sock.settimeout(_time_left(timeout, deadline))
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return HttpResponse(sock, b"", timeout, deadline)
-    except HttpClientError:
-        sock.close()
-        raise
-    except (OSError, ValueError) as e:
-        sock.close()
-        reason = "timed out" if isinstance(e, socket.timeout) else (
-            getattr(e, "strerror", None) or str(e))
-        raise HttpClientError(f"no answer from {host}:{port}: {reason}") from None
-
-
-def _time_left(timeout, deadline):
-    """The timeout of the next socket operation: `timeout`, or less so as to end by
-    `deadline` (None: no overall limit); socket.timeout once the deadline has passed."""
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise socket.timeout("past the deadline")
-    return left if timeout is None else min(timeout, left)
-
-
-def _connect(name, port, timeout, deadline):
-    """socket.create_connection, except that each address tried gets only the time left
-    before `deadline` (create_connection gives each the whole timeout: a name with an
-    unreachable IPv6 and a working IPv4 address would take twice as long)."""
-    error = OSError(f"no address for {name!r}")
-    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0,
-                                                              socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(_time_left(timeout, deadline))
-            sock.connect(address)
-            return sock
-        except OSError as e:
-            sock.close()
-            error = e
-    raise error
-
-
-def health_check(url, timeout, redirects=5, deadline=None):
-    """The HTTP status of GET `url`, following up to `redirects` redirects (a health URL may
-    point at a login page or a trailing slash), all of it before `deadline` if given."""
-    for _ in range(redirects + 1):
-        with http_get(url, timeout, deadline=deadline) as response:
-            location = response.headers.get("location", "")
-            if response.status not in (301, 302, 303, 307, 308) or not location:
-                return response.status
-        if location.startswith("/"):
-            scheme, host, port, _ = split_url(url)
-            host = f"[{host}]" if ":" in host else host
-            location = f"{scheme}://{host}:{port}{location}"
-        try:
-            split_url(location)
-        except ValueError:
-            raise HttpClientError(f"redirect to {location[:200]!r}, not an http(s) URL") from None
-        url = location
-    raise HttpClientError(f"more than {redirects} redirects")
-
-
-def open_url(url, timeout, deadline=None):
-    """GET a file of the NAS; returns the 200 response or raises ReleaseError (NoSuchRelease for
-    HTTP 404). A redirect is an error: the NAS is a plain file server."""
-    try:
-        response = http_get(url, timeout, deadline=deadline)
-    except HttpClientError as e:
-        raise ReleaseError(f"cannot download {url}: {e.message}") from None
-    if response.status == 200:
-        return response
-    response.close()
-    if response.status == 404:
-        raise NoSuchRelease(f"the NAS has no file {url} (HTTP 404)")
-    if 300 <= response.status < 400:
-        raise ReleaseError(f"the NAS answered {response.status} redirect to "
-                           f"{response.headers.get('location', '?')}; redirects are not "
-                           "followed")
-    raise ReleaseError(f"the NAS answered HTTP {response.status} {response.reason} for {url}")
-
-
-# ============================================================================================
-# Releases: the on-disk layout that makes the switch atomic.
-#
-#   STATE/releases/000007-2.0.11/       complete releases, oldest first by sequence number
-#   STATE/current -> releases/000007-2.0.11      the one switch: a symlink replaced atomically
-#   STATE/staging/                      work in progress (downloads, extraction, deletions)
-#   INSTALL/dist -> STATE/current/dist  one stable link per top-level release entry
-#   INSTALL/config.json                 anything the release does not contain stays as it is
-#
-# A release is written completely, synced, and only then `current` is switched with one
-# rename(2), so the install is the old release or the new one at every instant.
-# ============================================================================================
-
 RELEASE_RE = re.compile(r"^(\d{6})-(.+)$")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path):
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-
-
-@functools.lru_cache(maxsize=None)
-def _libc_function(name):
-    """A function of the C library (os has no renameat2 or syncfs), or None where missing."""
-    try:
-        import ctypes
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (ImportError, OSError, AttributeError):
-        return None
 
 
 class Flusher:
@@ -2107,12 +2695,13 @@ class Releases:
 # The update job: one at a time, in a background thread. Its record (STATE/update.json) is
 # saved at every step, so GET /update tells the truth after a manager restart, and a manager
 # that died mid-job finishes the job at start, from the phase the record names (RECOVERY).
-#
+# 
 #   idle -> downloading -> verifying -> swapping -> restarting -> checking -> succeeded
 #           (a rollback starts at swapping)
 #   then, from any phase: failed (the host is as it was) or rolled_back (the new release was
 #   switched in, proved unhealthy, and the previous one is back)
 # ============================================================================================
+
 
 IDLE = "idle"
 DOWNLOADING = "downloading"  # the .sha256, then download, gunzip and unpack in one pass
@@ -2123,7 +2712,6 @@ CHECKING = "checking"        # the health gate
 SUCCEEDED, FAILED, ROLLED_BACK = "succeeded", "failed", "rolled_back"
 WORKING_STATES = (DOWNLOADING, VERIFYING, SWAPPING, RESTARTING, CHECKING)
 FINAL_STATES = (SUCCEEDED, FAILED, ROLLED_BACK)
-
 # What start-up recovery does for a job that was in each phase when the manager died. Until
 # `current` is switched (restarting's first act) the install serves what it served before, at
 # most through links into a copy of the same files: nothing to undo. From then on the previous
@@ -2132,13 +2720,8 @@ FINAL_STATES = (SUCCEEDED, FAILED, ROLLED_BACK)
 NOTHING_CHANGED, RESTORE = "nothing changed", "restore the previous release"
 RECOVERY = {DOWNLOADING: NOTHING_CHANGED, VERIFYING: NOTHING_CHANGED, SWAPPING: NOTHING_CHANGED,
             RESTARTING: RESTORE, CHECKING: RESTORE}
-
 SUMMARY_FIELDS = ("action", "state", "version", "from_version", "error", "step", "started_at",
                   "finished_at", "bytes", "total", "files")
-
-
-def utc_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class JobRecord:
@@ -2264,20 +2847,6 @@ class JobRecord:
         if durable:
             _fsync_dir(os.path.dirname(self.path))
         self._last_save = time.monotonic()
-
-
-def verify_release(tree, version, digest, expected_digest):
-    """Check a release unpacked at `tree` before anything is switched: the tarball's SHA-256
-    against the .sha256 file's (if there was one), the version its package.json names, and
-    its dist/ folder. Raises ReleaseError saying what is wrong."""
-    if expected_digest and digest != expected_digest:
-        raise ReleaseError(f"checksum mismatch: the release's SHA-256 is {digest}, "
-                           f"the .sha256 file says {expected_digest}")
-    found, _name = read_package_json(os.path.join(tree, "package.json"))
-    if found != version:
-        raise ReleaseError(f"the release's package.json says version {found!r}, not {version!r}")
-    if not os.path.isdir(os.path.join(tree, "dist")):
-        raise ReleaseError("the release has no dist/ folder")
 
 
 class Unhealthy(Exception):
@@ -2559,150 +3128,10 @@ class Updater:
 
 
 # ============================================================================================
-# Fleet: the hub's view of its agents (GET /agents). The hub talks to each agent's manager with
-# AgentCall: every call has a connect deadline and a deadline for the whole answer, answers are
-# bounded in size and checked field by field (an agent is untrusted input), there are no
-# proxies and no redirects, and the agent token goes to agents only. Many calls run at once in
-# one thread, on a selector: the hub's memory does not grow with the number of agents.
+# Fleet: the hub's view of its agents (GET /agents) and the rollout of a release to them. The
+# hub talks to each agent's manager with AgentCall (see the wire section): answers are checked
+# field by field (an agent is untrusted input), and the agent token goes to agents only.
 # ============================================================================================
-
-AGENT_CONNECT_TIMEOUT = 2.0   # seconds to connect to an agent's manager
-AGENT_STATUS_DEADLINE = 5.0   # seconds for a whole GET /status answer
-MAX_AGENT_ANSWER = 64 << 10   # bytes an agent's answer may have, head included
-
-
-class AgentCall:
-    """One HTTP/1.1 request to an agent's manager, driven by run_agent_calls(). Afterwards
-    `answered` (an HTTP status line came back), `status` and `payload` (the JSON object
-    answered; None unless the whole answer was good), `error` (None or what went wrong) and
-    `rtt_ms`."""
-
-    def __init__(self, agent, method, path, body=None, token=None):
-        self.agent, self.method, self.path = agent, method, path
-        self.status = self.payload = self.error = self.rtt_ms = None
-        self.answered = False
-        self.sock = None
-        self.received = bytearray()
-        self.limit = MAX_AGENT_ANSWER  # bytes the answer may have, head included
-        head = [f"{method} {path} HTTP/1.1", f"Host: {agent}",
-                f"User-Agent: backend-ai-manager/{__version__}", "Accept: application/json",
-                "Connection: close"]
-        if token:
-            head.append(f"Authorization: Bearer {token}")
-        data = json.dumps(body).encode() if body is not None else b""
-        if body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-        self.outgoing = ("\r\n".join(head) + "\r\n\r\n").encode() + data
-
-    def address(self):
-        host, _, port = self.agent.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            ipaddress.ip_address(host)
-            return family, (host, int(port))
-        except ValueError:  # a name: resolved here (list agents by address to avoid DNS)
-            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-            return info[0], info[4]
-
-    def fail(self, error):
-        if self.error is None and self.status is None:
-            self.error = error
-        self.close()
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def finish(self):
-        """Parse what was received once the agent closed (the request asked it to)."""
-        head, sep, body = bytes(self.received).partition(b"\r\n\r\n")
-        match = re.match(rb"HTTP/1\.[01] ([0-9]{3})", head)
-        if not sep or not match:
-            return self.fail("malformed answer: not HTTP")
-        self.answered = True
-        length = re.search(rb"\r\ncontent-length: *([0-9]{1,9})\r?(\n|$)", head.lower() + b"\r\n")
-        if length and len(body) < int(length.group(1)):
-            return self.fail(f"answer cut short: {len(body)} of {int(length.group(1))} bytes")
-        if length:
-            body = body[:int(length.group(1))]
-        try:
-            payload = json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return self.fail(f"malformed answer (HTTP {match.group(1).decode()}): not JSON")
-        if not isinstance(payload, dict):
-            return self.fail("malformed answer: not a JSON object")
-        self.status, self.payload = int(match.group(1)), payload
-        self.close()
-
-
-def run_agent_calls(calls, connect_timeout, deadline):
-    """Run every AgentCall at once, until each has its answer or its deadline passed."""
-    started = time.monotonic()
-    with selectors.DefaultSelector() as selector:
-        for call in calls:
-            try:
-                family, address = call.address()
-                call.sock = socket.socket(family, socket.SOCK_STREAM)
-                call.sock.setblocking(False)
-                err = call.sock.connect_ex(address)
-            except OSError as e:
-                call.fail(f"cannot connect: {e.strerror or e}")
-                continue
-            if err not in (0, errno.EINPROGRESS):
-                call.fail(f"cannot connect: {os.strerror(err)}")
-                continue
-            selector.register(call.sock, selectors.EVENT_WRITE, call)
-        connected = set()
-        while selector.get_map():
-            now = time.monotonic()
-            if now - started >= deadline:
-                break
-            for key in list(selector.get_map().values()):
-                call = key.data
-                if call not in connected and now - started >= connect_timeout:
-                    selector.unregister(key.fileobj)
-                    call.fail(f"no connection within {connect_timeout:g} s")
-            for key, events in selector.select(timeout=0.05):
-                call = key.data
-                try:
-                    if call not in connected:
-                        err = call.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        if err:
-                            raise OSError(err, os.strerror(err))
-                        connected.add(call)
-                    if call.outgoing:
-                        call.outgoing = call.outgoing[call.sock.send(call.outgoing):]
-                        if not call.outgoing:
-                            selector.modify(call.sock, selectors.EVENT_READ, call)
-                        continue
-                    data = call.sock.recv(65536)
-                    if data:
-                        call.received += data
-                        call.answered = call.answered or bool(
-                            re.match(rb"HTTP/1\.[01] [0-9]{3} ", call.received))
-                        if len(call.received) > call.limit:
-                            raise ValueError(f"answer over {call.limit} bytes")
-                        continue
-                    selector.unregister(call.sock)
-                    call.finish()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except (OSError, ValueError) as e:
-                    selector.unregister(key.fileobj)
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    call.fail(reason if isinstance(e, ValueError) else f"connection failed: "
-                              f"{reason}")
-                if call.sock is None or call.status is not None:
-                    call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
-        for key in list(selector.get_map().values()):
-            key.data.fail(f"no answer within {deadline:g} s")
-    for call in calls:
-        call.close()
-        if call.rtt_ms is None and call.status is not None:
-            call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
-    return calls
 
 
 def _text(value, limit=500):
@@ -2752,7 +3181,6 @@ def agents_overview(settings, hub_version):
 
 
 # --- the rollout: a release, batch by batch, to the agents -------------------------------------
-
 PENDING, ROLLING, INCOMPLETE, HALTED = "pending", "rolling", "incomplete", "halted"
 ROLLOUT_WORKING = (PENDING, ROLLING)
 # An agent in a rollout: WAITING for its turn, UPDATING (its POST /update is sent, or about to
@@ -2992,27 +3420,11 @@ class Rollout:
                      durable=True)
 
 
-
 # ============================================================================================
-# HTTP API: a routing table; every answer is JSON; every error has one shape.
+# Server: the endpoints (a routing table; every answer is JSON; every error has one shape), the
+# checks every request passes (allow list, Host, cross-origin, token), and the server loop (one
+# selector thread, a pool of workers, bounded connections) with its watchdog.
 # ============================================================================================
-
-MAX_BODY = 4096
-
-
-class WouldWait(Exception):
-    """An answer made by the connection thread (Api.instant) would have to wait for a lock or a
-    systemctl call: a worker makes it instead."""
-
-
-class HttpError(ManagerError):
-    """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
-    a missing token, a refused client."""
-
-    def __init__(self, status, message, headers=None):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
 
 
 def error_answer(error):
@@ -3311,142 +3723,7 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
-TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
 requests_log = logging.getLogger("backend-ai-manager.requests")
-
-
-class HttpRequest:
-    """One request as the server read it. `close`: the connection ends after the answer
-    (HTTP/1.0 without keep-alive, `Connection: close`, or a body that could not be framed)."""
-
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "close",
-                 "client", "started", "instant")
-
-    def __init__(self, client, started):
-        self.client, self.started = client, started
-        self.instant = False  # answered by the connection thread: never wait (WouldWait)
-        self.method = self.target = self.path = self.version = None
-        self.query, self.headers, self.body, self.close = "", {}, b"", True
-
-    def header(self, name, default=""):
-        values = self.headers.get(name)
-        return values[0] if values else default
-
-    def json(self):
-        try:
-            data = json.loads(self.body.decode("utf-8") if self.body else "")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("request body must be a JSON object")
-        return data
-
-    def query_values(self, name):
-        """The values of query parameter `name`, %-decoded (as parse_qs)."""
-        found = []
-        for part in self.query.split("&"):
-            key, _, value = part.partition("=")
-            if _unquote(key) == name:
-                found.append(_unquote(value))
-        return found
-
-
-def _unquote(text):
-    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
-                 text.replace("+", " ").encode("latin-1", "replace"))
-    return raw.decode("utf-8", "replace")
-
-
-def read_request(buf, client):
-    """The first request in `buf`: (bytes it takes, HttpRequest, None), or (bytes, HttpRequest,
-    the error to answer) for a request refused as malformed; None while the head is not whole,
-    (bytes, None, None) while its body is not (the caller waits for that many bytes instead
-    of parsing the head again at every read). Framing and parsing are one step: the body's
-    length comes from the headers the strict parser accepted, so no request can be framed one
-    way and parsed another (request smuggling). A refused request closes its connection after
-    the answer (request.close), so nothing after it is read as another request."""
-    match = HEAD_END.search(buf)
-    if not match and len(buf) <= MAX_HEAD:
-        return None
-    request = HttpRequest(client, time.monotonic())
-    end = match.end() if match else len(buf)
-    try:
-        if not match or match.start() > MAX_HEAD:
-            raise HttpError(431, f"request head over {MAX_HEAD} bytes")
-        parse_head(request, bytes(buf[:match.start()]))
-        length = body_length(request)
-    except ManagerError as e:
-        request.close = True
-        return end, request, e
-    if len(buf) < end + length:
-        return end + length, None, None
-    request.body = bytes(buf[end:end + length])
-    return end + length, request, None
-
-
-def parse_head(request, head):
-    """Fill `request` from its head (the bytes before the empty line); raise HttpError for
-    anything malformed. Strict where parsers disagree: a header line that is not
-    `token: value`, or one continued on the next line (obsolete folding, RFC 9112 5.2), is
-    refused rather than guessed at."""
-    lines = head.split(b"\n")
-    line = lines[0].rstrip(b"\r").decode("latin-1")
-    if len(line) > 65536:
-        raise HttpError(414, "request line over 65536 bytes")
-    words = line.split()
-    if len(words) == 3:
-        request.method, request.target, request.version = words
-        version = re.fullmatch(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})", request.version)
-        if not version:
-            raise HttpError(400, f"bad request version {request.version[:40]!r}")
-        if (int(version.group(1)), int(version.group(2))) not in ((1, 0), (1, 1)):
-            raise HttpError(400, f"unsupported HTTP version in {line[:80]!r}: use HTTP/1.0 "
-                                 "or HTTP/1.1")
-    elif len(words) == 2 and words[0] == "GET":  # the HTTP/0.9 form: answered, then closed
-        request.method, request.target, request.version = words[0], words[1], "HTTP/0.9"
-    else:
-        raise HttpError(400, f"bad request line {line[:80]!r}")
-    if len(lines) > 101:
-        raise HttpError(431, "more than 100 header lines")
-    headers = request.headers
-    for raw_line in lines[1:]:
-        if raw_line[:1] in (b" ", b"\t"):
-            raise HttpError(400, "folded header lines are not accepted")
-        name, sep, value = raw_line.rstrip(b"\r").decode("latin-1").partition(":")
-        if not sep or not TOKEN.fullmatch(name) or any(c in value for c in "\0\r"):
-            raise HttpError(400, f"malformed header line {raw_line[:60]!r}")
-        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
-    if len(headers.get("host", ())) > 1:
-        raise HttpError(400, "more than one Host header")  # RFC 9112 3.2
-    connection = {t.strip().lower() for t in request.header("connection").split(",")}
-    if "close" not in connection:  # RFC 9112 9.3
-        request.close = not (request.version == "HTTP/1.1" or (
-            request.version == "HTTP/1.0" and "keep-alive" in connection))
-    target = request.target
-    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
-        target = "/" + target.split("//", 1)[1].partition("/")[2]  # absolute form
-    if target.startswith("//"):
-        target = "/" + target.lstrip("/")
-    target = target.partition("#")[0]
-    request.path, _, request.query = target.partition("?")
-
-
-def body_length(request):
-    """The length of the body: exactly Content-Length bytes follow the head (none without
-    it). Transfer-Encoding, an odd or repeated Content-Length, or one over MAX_BODY cannot be
-    framed safely: an error, and the connection closes."""
-    if request.headers.get("transfer-encoding"):
-        raise InvalidInput("Transfer-Encoding is not supported; send Content-Length")
-    lengths = request.headers.get("content-length") or []
-    if not lengths:
-        return 0
-    if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,10}", lengths[0]):
-        raise InvalidInput(f"invalid Content-Length {lengths!r}")
-    length = int(lengths[0])
-    if length > MAX_BODY:
-        raise HttpError(413, f"request body of {length} bytes is over the limit of "
-                             f"{MAX_BODY} bytes")
-    return length
 
 
 SERVER_HEADER = f"Server: backend-ai-manager/{__version__}\r\n".encode()
@@ -3503,12 +3780,6 @@ class _Connection:
         self.need = 0  # bytes the request in buf takes, once its head is whole
         self.linger = False  # answered a refused request: drain, then close
         self.idle = True  # no byte of the next request has arrived yet
-
-
-MAX_HEAD = 65536
-
-
-HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line (a bare LF ends a line too)
 
 
 def client_allowed(address, networks):
@@ -3871,25 +4142,46 @@ class Server:
         self.wake_w.close()
 
 
+class Watchdog(threading.Thread):
+    """Pings systemd's watchdog (WatchdogSec=, sd_watchdog_enabled(3)) only while the server
+    is alive: its selector loop has turned within the last few seconds, and a worker is free or
+    one finished a request recently. A frozen manager, a stuck loop or deadlocked workers stop
+    the pings and systemd restarts the manager. (Not a request to itself: slow legitimate
+    requests occupying every worker would starve such a probe and get a healthy manager killed
+    mid-update.)"""
+
+    def __init__(self, server, stop):
+        super().__init__(name="watchdog", daemon=True)
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        enabled = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
+        self.interval = int(usec) / 2e6 if enabled else None
+        self.server = server
+        self.stop = stop
+
+    def start(self):
+        if self.interval:
+            super().start()
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            problem = self.server.stuck()
+            if problem:
+                log.warning("watchdog: %s; not pinging systemd", problem)
+            else:
+                sd_notify("WATCHDOG=1")
+
+
 # ============================================================================================
-# Client: the operator's commands (status, update, agents, pack, ...), through the same HTTP
-# client the hub uses for its agents (AgentCall: one selector, no thread, no extra import).
-# Exit status: 0 done, 1 the operation failed, 2 usage, 3 the service is not running
-# (`status`), 4 the manager could not be reached.
+# Command line: the operator's client (status, update, agents, pack, ...: exit status 0 done,
+# 1 the operation failed, 2 usage, 3 the service is not running, 4 the manager could not be
+# reached), install/uninstall of the manager's unit, check, and serve.
 # ============================================================================================
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
 CLIENT_DEADLINES = {"GET": 30.0, "POST": 300.0}  # a POST /restart waits for systemctl
 ROLLOUT_FINAL = (SUCCEEDED, INCOMPLETE, HALTED)
 AGENT_OUTCOMES = (CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK, LOST)
-
-
-class ClientError(ManagerError):
-    """The command cannot be done; `code` is its exit status."""
-
-    def __init__(self, message, code=EXIT_FAILED):
-        super().__init__(message)
-        self.code = code
 
 
 class Client:
@@ -4152,208 +4444,6 @@ def describe_status(answer):
     return lines
 
 
-# --- pack: a release tarball of a build, reproducibly ------------------------------------------
-
-def _pax_record(key, value):
-    text = f" {key}={value}\n".encode("utf-8", "surrogateescape")
-    length = len(text) + 1
-    while len(str(length)) + len(text) != length:
-        length = len(str(length)) + len(text)
-    return str(length).encode() + text
-
-
-def _ustar_block(name, kind, size, mode, linkname):
-    def text(value, width):
-        return value.encode("utf-8", "surrogateescape")[:width].ljust(width, b"\0")
-
-    def number(value, width):
-        return b"%0*o\0" % (width - 1, value)
-
-    block = bytearray(text(name, 100) + number(mode, 8) + number(0, 8) + number(0, 8) +
-                      number(size, 12) + number(0, 12) + b" " * 8 + kind + text(linkname, 100) +
-                      b"ustar\x0000" + text("root", 32) + text("root", 32) + number(0, 8) +
-                      number(0, 8) + bytes(155) + bytes(12))
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-def tar_header(name, kind, size=0, mode=0o644, linkname=""):
-    """The header block(s) of one member: ustar, with a pax header first when the name or link
-    does not fit ustar's fields (over 100 bytes, or not ASCII)."""
-    pax = {}
-    if len(name.encode("utf-8", "surrogateescape")) > 100 or not name.isascii():
-        pax["path"] = name
-    if len(linkname.encode("utf-8", "surrogateescape")) > 100 or not linkname.isascii():
-        pax["linkpath"] = linkname
-    if size >= 8 ** 11:
-        pax["size"] = str(size)
-    head = b""
-    if pax:
-        data = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
-        head = _ustar_block("././@PaxHeader", XHDTYPE, len(data), 0o644, "") + data + \
-            bytes(-len(data) % 512)
-    return head + _ustar_block(name, kind, size if size < 8 ** 11 else 0, mode, linkname)
-
-
-def walk_build(build):
-    """(name, kind, path, stat, link target) of every entry below `build`, folders before
-    their contents, names sorted; refuses what a release cannot hold. Never follows a
-    symlink."""
-    entries = []
-
-    def visit(folder, prefix):
-        with os.scandir(folder) as it:
-            children = sorted(it, key=lambda e: e.name)
-        for entry in children:
-            name = prefix + entry.name
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(entry.path)
-                if not link_target_inside(name, target, ""):
-                    raise ClientError(f"{entry.path} is a symlink to {target!r}, outside the "
-                                      "build: a release may only link inside itself")
-                entries.append((name, SYMTYPE, entry.path, st, target))
-            elif stat.S_ISDIR(st.st_mode):
-                entries.append((name + "/", DIRTYPE, entry.path, st, ""))
-                visit(entry.path, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                entries.append((name, REGTYPE, entry.path, st, ""))
-            else:
-                raise ClientError(f"{entry.path} is not a file, folder or symlink")
-
-    visit(build, "")
-    return entries
-
-
-def pack_release(build, kind, out, say=print):
-    """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
-    package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
-    so the same build gives the same bytes. Checks the tarball with the manager's own
-    extractor before it replaces anything; returns the tarball's path and SHA-256."""
-    build = os.path.abspath(build)
-    try:
-        version, package_name = read_package_json(os.path.join(build, "package.json"))
-    except ReleaseError as e:
-        raise ClientError(f"not a build: {e.message}") from None
-    if not VERSION_RE.fullmatch(version):
-        raise ClientError(f"{build}/package.json has version {version!r}, not a plain version")
-    if not os.path.isdir(os.path.join(build, "dist")) or \
-            os.path.islink(os.path.join(build, "dist")):
-        raise ClientError(f"not a build: {build}/dist/ is missing")
-    folder = os.path.join(os.path.abspath(out), version)
-    target = os.path.join(folder, f"{kind}-{version}.tar.gz")
-    entries = walk_build(build)
-    made = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    temp = f"{target}.tmp-{os.getpid()}"
-    digest = hashlib.sha256()
-    started = time.monotonic()
-    try:
-        with open(temp, "wb") as f:
-            gzip = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: no name, mtime 0
-
-            def put(data):
-                packed = gzip.compress(data)
-                digest.update(packed)
-                f.write(packed)
-
-            files = 0
-            for name, kind_byte, path, st, link in entries:
-                if kind_byte == REGTYPE:
-                    mode = 0o755 if st.st_mode & 0o111 else 0o644
-                    with open(path, "rb") as src:
-                        size = os.fstat(src.fileno()).st_size
-                        put(tar_header(name, REGTYPE, size, mode))
-                        left = size
-                        while left > 0:
-                            data = src.read(min(CHUNK, left))
-                            if not data:
-                                raise ClientError(f"{path} shrank while it was packed")
-                            put(data)
-                            left -= len(data)
-                        put(bytes(-size % 512))
-                    files += 1
-                elif kind_byte == DIRTYPE:
-                    put(tar_header(name, DIRTYPE, mode=0o755))
-                else:
-                    put(tar_header(name, SYMTYPE, mode=0o777, linkname=link))
-            put(bytes(1024))  # the end marker
-            tail = gzip.flush()
-            digest.update(tail)
-            f.write(tail)
-            f.flush()
-            os.fsync(f.fileno())
-        say(f"packed {files} files, {len(entries) - files} folders and links of "
-            f"{package_name or kind}"
-            f" {version}: {os.path.getsize(temp)} bytes in {time.monotonic() - started:.1f} s")
-        check_pack(temp, build, entries, version)
-        say("checked: the manager's extractor unpacks exactly the build")
-        with open(f"{target}.sha256.tmp-{os.getpid()}", "w") as f:
-            f.write(f"{digest.hexdigest()}  {os.path.basename(target)}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.lexists(f"{target}.sha256"):
-            os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
-        os.replace(temp, target)
-        os.replace(f"{target}.sha256.tmp-{os.getpid()}", f"{target}.sha256")
-        _fsync_dir(folder)
-    finally:
-        for path in (temp, f"{target}.sha256.tmp-{os.getpid()}"):
-            if os.path.exists(path):
-                os.unlink(path)
-        if made and not os.listdir(folder):
-            os.rmdir(folder)  # a failed pack leaves nothing behind
-    return target, digest.hexdigest()
-
-
-class _FileBody:
-    """A file read like an HTTP answer's body, for unpack_release."""
-
-    def __init__(self, f):
-        self.f, self.headers = f, {"content-length": str(os.fstat(f.fileno()).st_size)}
-
-    def read1(self, size):
-        return self.f.read1(size)
-
-
-def check_pack(tarball, build, entries, version):
-    """Unpack `tarball` with the manager's extractor and compare it with the build: every name,
-    type, link target, exec bit and byte."""
-    scratch = f"{tarball}.check"
-    try:
-        with open(tarball, "rb") as f:
-            root, _, _ = unpack_release(_FileBody(f), scratch, time.monotonic() + 3600,
-                                        1 << 40, 1 << 42, 10_000_000, 1 << 40)
-        tree = os.path.join(scratch, root)
-        verify_release(tree, version, None, None)
-        for name, kind_byte, path, st, link in entries:
-            got = os.path.join(tree, name)
-            if kind_byte == SYMTYPE:
-                same = os.path.islink(got) and os.readlink(got) == link
-            elif kind_byte == DIRTYPE:
-                same = os.path.isdir(got) and not os.path.islink(got)
-            else:
-                same = os.path.isfile(got) and not os.path.islink(got) and \
-                    bool(os.stat(got).st_mode & 0o111) == bool(st.st_mode & 0o111) and \
-                    _same_bytes(got, path)
-            if not same:
-                raise ClientError(f"the packed release differs from the build at {name!r}")
-    except ReleaseError as e:
-        raise ClientError(f"the packed release does not unpack: {e.message}") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _same_bytes(a, b):
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(CHUNK), fb.read(CHUNK)
-            if x != y:
-                return False
-            if not x:
-                return True
-
-
 def run_client(args):
     """One client command; returns its exit status."""
     if args.command == "pack":
@@ -4390,10 +4480,6 @@ def run_client(args):
               "goes on)", file=sys.stderr)
         return 130
 
-
-# ============================================================================================
-# Command line
-# ============================================================================================
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -4463,76 +4549,16 @@ def build_parser():
     return parser
 
 
-class Watchdog(threading.Thread):
-    """Pings systemd's watchdog (WatchdogSec=, sd_watchdog_enabled(3)) only while the server
-    is alive: its selector loop has turned within the last few seconds, and a worker is free or
-    one finished a request recently. A frozen manager, a stuck loop or deadlocked workers stop
-    the pings and systemd restarts the manager. (Not a request to itself: slow legitimate
-    requests occupying every worker would starve such a probe and get a healthy manager killed
-    mid-update.)"""
-
-    def __init__(self, server, stop):
-        super().__init__(name="watchdog", daemon=True)
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", "")
-        enabled = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
-        self.interval = int(usec) / 2e6 if enabled else None
-        self.server = server
-        self.stop = stop
-
-    def start(self):
-        if self.interval:
-            super().start()
-
-    def run(self):
-        while not self.stop.wait(self.interval):
-            problem = self.server.stuck()
-            if problem:
-                log.warning("watchdog: %s; not pinging systemd", problem)
-            else:
-                sd_notify("WATCHDOG=1")
-
-
-def release_free_memory():
-    """Give the C heap's free pages back to the system. Python compiles this file afresh at
-    every start (a script has no cached bytecode), which takes about 10 MB that stay with the
-    process after they are freed; malloc_trim(3) returns them (glibc only)."""
-    trim = _libc_function("malloc_trim")
-    if trim is not None:
-        trim(0)
-
-
-def raise_file_limit(settings):
-    """Lift the soft open-files limit to the hard one (systemd gives 1024 by default) so that
-    --max-connections can be honoured; clamp it if the hard limit is lower."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    spare = 64  # for the release download, writers, systemctl pipes, the journal
-    if soft != resource.RLIM_INFINITY and settings.max_connections > soft - spare:
-        log.warning("--max-connections %d is over what the open-files limit %d allows; using %d",
-                    settings.max_connections, soft, max(1, soft - spare))
-        return max(1, soft - spare)
-    return settings.max_connections
-
-
 # --- install: the manager as a systemd service of this host -----------------------------------
-
 INSTALL_LIB = "/usr/local/lib/backend-ai-manager"
 UNIT_DIR = "/etc/systemd/system"
 DEFAULTS_DIR = "/etc/default"
-# The hardening that makes systemd mount a fresh /proc for the unit: refused inside a Proxmox
-# container without nesting (its AppArmor profile allows proc only at /proc), where the unit
-# would die with status 226/NAMESPACE before the manager runs. So it lives in a drop-in that
-# `install` writes only when a probe with the same properties passes.
-NAMESPACE_HARDENING = ("ProtectKernelTunables=yes", "ProtectControlGroups=yes")
+
+
 # The unit's own mount directives, given to the probe with the drop-in's.
 MOUNT_HARDENING = ("ProtectSystem=full", "ProtectHome=read-only", "PrivateTmp=yes",
                    "PrivateDevices=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes")
 PROBE_EXTRA = "BACKEND_AI_INSTALL_PROBE_EXTRA"  # for tests: more -p properties for the probe
-
 UNIT_TEMPLATE = """\
 # backend-ai-manager for the {kind} host{s}: the lifecycle API for ai-{kind}.service on {bind}:3081{lan}.
 # Installed by `python3 backend_ai_manager.py install --role {kind} [options]` (or `make install`),
@@ -4599,7 +4625,6 @@ Environment=MALLOC_ARENA_MAX=1
 [Install]
 WantedBy=multi-user.target
 """
-
 DROPIN_TEMPLATE = """\
 # The hardening that needs a fresh /proc in the unit's mount namespace. `install` writes this file
 # only where a probe (systemd-run with the same properties) passes: inside a Proxmox container
@@ -4641,25 +4666,6 @@ def probe_hardening(run=None):
     found = [line.strip() for line in journal.out.splitlines() if "Failed" in line and (
         "namespac" in line or "step" in line)]
     return result.code, "\n".join(found or [words or f"exit status {result.code}"])
-
-
-def running_hardening(cgroup_file="/proc/self/cgroup"):
-    """For /status: "full" when the unit this manager runs in has the namespace hardening of
-    the drop-in in effect, "without the namespace drop-in" when it does not, "not a systemd
-    service" outside a unit. Asked of systemd once, at start."""
-    try:
-        with open(cgroup_file) as f:
-            unit = f.read().strip().splitlines()[-1].rpartition("/")[2]
-    except (OSError, IndexError):
-        unit = ""
-    if not unit.endswith(".service") or not os.environ.get("INVOCATION_ID"):
-        return "not a systemd service"
-    result = run_command(["systemctl", "show", unit, "-p",
-                          ",".join(p.partition("=")[0] for p in NAMESPACE_HARDENING)], 15)
-    props = parse_show(result.out) if result.ok else {}
-    if all(props.get(k) == v for k, _, v in (p.partition("=") for p in NAMESPACE_HARDENING)):
-        return "full"
-    return "without the namespace drop-in"
 
 
 def _write_file(path, data, mode):
@@ -4899,6 +4905,31 @@ def check(settings, out=None):
     return 0
 
 
+def release_free_memory():
+    """Give the C heap's free pages back to the system. Python compiles this file afresh at
+    every start (a script has no cached bytecode), which takes about 10 MB that stay with the
+    process after they are freed; malloc_trim(3) returns them (glibc only)."""
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+def raise_file_limit(settings):
+    """Lift the soft open-files limit to the hard one (systemd gives 1024 by default) so that
+    --max-connections can be honoured; clamp it if the hard limit is lower."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    spare = 64  # for the release download, writers, systemctl pipes, the journal
+    if soft != resource.RLIM_INFINITY and settings.max_connections > soft - spare:
+        log.warning("--max-connections %d is over what the open-files limit %d allows; using %d",
+                    settings.max_connections, soft, max(1, soft - spare))
+        return max(1, soft - spare)
+    return settings.max_connections
+
+
 def serve(settings):
     setup_logging(settings.log_requests)
     systemd = Systemd(settings.service, settings.command_timeout)
@@ -4992,7 +5023,6 @@ LAUNCH = ("import os, sys, importlib.util as u; sys.path[0] = os.path.dirname(sy
           "s = u.spec_from_file_location('backend_ai_manager', sys.argv[1]); "
           "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
           "sys.exit(m.main(sys.argv[2:]))")
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
         try:

@@ -50,3 +50,38 @@ def test_every_option_is_in_the_help_of_serve_check_and_install():
         assert run.returncode == 0
         for _name, flag, env, _parse, _help in bam.OPTIONS:
             assert flag in run.stdout, (command, flag)
+
+
+def test_no_section_uses_a_name_a_later_section_defines():
+    """The file reads top-down: each section (between the `# ====` banners) uses only names
+    defined in itself or in the sections above it; the module docstring lists the sections."""
+    import ast
+    with open(MANAGER) as f:
+        source = f.read()
+    lines = source.split("\n")
+    opens = [n for n, line in enumerate(lines, 1) if line.startswith("# ====")][0::2]
+    titles = [lines[n].split(":")[0].lstrip("# ").split()[0].lower() for n in opens]
+    assert titles == ["core", "settings", "systemd", "http/1.1", "archives", "releases", "the",
+                      "fleet", "server", "command"]
+
+    def section(lineno):
+        return sum(1 for n in opens if n <= lineno) - 1
+
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined[node.name] = section(node.lineno)
+        for target in getattr(node, "targets", []):
+            for name in getattr(target, "elts", [target]):
+                if isinstance(name, ast.Name):
+                    defined[name.id] = section(node.lineno)
+    later = sorted({
+        (section(node.lineno), inner.id, defined[inner.id])
+        for node in tree.body for inner in ast.walk(node)
+        if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load)
+        and defined.get(inner.id, -1) > section(node.lineno) >= 0})
+    assert later == [], [(titles[a], name, titles[b]) for a, name, b in later]
+    for word in ("core", "settings", "systemd", "wire", "archive", "releases", "update", "fleet",
+                 "server", "cli"):
+        assert re.search(rf"^    {word} +\S", ast.get_docstring(tree), re.M), word
