@@ -98,6 +98,21 @@ class NoSuchRelease(ReleaseError):
     """The NAS has no file at the release's URL (it answered 404)."""
 
 
+def describe(error):
+    """The one way an error is put in words: a ManagerError's message; "timed out" for a
+    timeout; an OSError's strerror (after the file, when it names one); anything else, which
+    nothing expected, as "internal error: ..."."""
+    if isinstance(error, ManagerError):
+        return error.message
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    if isinstance(error, OSError):
+        if not error.strerror:
+            return str(error)
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return f"internal error: {error}"
+
+
 class HttpError(ManagerError):
     """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
     a missing token, a refused client."""
@@ -1149,7 +1164,7 @@ class HttpResponse:
         except socket.timeout:
             raise HttpClientError("timed out waiting for the server") from None
         except OSError as e:  # a reset, a TLS error: as much an answer cut short
-            raise HttpClientError(f"the connection failed: {e.strerror or e}") from None
+            raise HttpClientError(f"the connection failed: {describe(e)}") from None
 
     def read(self, size=-1):
         """Up to `size` bytes (all if negative), through as many reads as that takes."""
@@ -1185,8 +1200,7 @@ def http_get(url, timeout, headers=None, deadline=None):
         raise HttpClientError(f"cannot connect to {host[:100]!r}: not a valid host "
                               "name") from None
     except OSError as e:
-        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise HttpClientError(f"cannot connect to {host}:{port}: {reason}") from None
+        raise HttpClientError(f"cannot connect to {host}:{port}: {describe(e)}") from None
     try:
         if scheme == "https":
             import ssl
@@ -1359,7 +1373,7 @@ def run_agent_calls(calls, connect_timeout, deadline):
             try:
                 call.sock = _connect(host.strip("[]"), int(port), 0)
             except (OSError, UnicodeError) as e:
-                call.fail(f"cannot connect: {getattr(e, 'strerror', None) or e}")
+                call.fail(f"cannot connect: {describe(e)}")
                 continue
             selector.register(call.sock, selectors.EVENT_WRITE, call)
         connected = set()
@@ -1399,9 +1413,8 @@ def run_agent_calls(calls, connect_timeout, deadline):
                     continue
                 except (OSError, ValueError) as e:
                     selector.unregister(key.fileobj)
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    call.fail(reason if isinstance(e, ValueError) else f"connection failed: "
-                              f"{reason}")
+                    call.fail(str(e) if isinstance(e, ValueError) else
+                              f"connection failed: {describe(e)}")
                 if call.sock is None or call.status is not None:
                     call.rtt_ms = round((time.monotonic() - started) * 1000, 1)
         for key in list(selector.get_map().values()):
@@ -1464,8 +1477,8 @@ class Download:
             if time.monotonic() >= self.deadline:  # the response's reads stop at the deadline
                 raise ReleaseError("download took longer than the deadline "
                                    "(--download-timeout)") from None
-            reason = e.message if isinstance(e, HttpClientError) else e
-            raise ReleaseError(f"download failed after {self.count} bytes: {reason}") from None
+            raise ReleaseError(f"download failed after {self.count} bytes: {describe(e)}") \
+                from None
         if self.aborted:
             raise ReleaseError("download stopped")
         self.count += len(data)
@@ -1693,7 +1706,7 @@ class WriterPool:
                     else:
                         _create(path, data, mode)
             except Exception as e:  # recorded, never lost with the thread
-                reason = e.strerror if isinstance(e, OSError) else f"internal error: {e}"
+                reason = e.strerror if isinstance(e, OSError) else describe(e)
                 with self.cond:
                     self.error = self.error or ReleaseError(f"cannot write {path}: {reason}")
             finally:
@@ -2849,8 +2862,9 @@ class JobRecord:
         self._last_save = time.monotonic()
 
 
-class Unhealthy(Exception):
-    """The restarted service did not prove healthy; the message says why."""
+class Unhealthy(ManagerError):
+    """The restarted service did not prove healthy; the message says why. (The update job
+    catches it to roll back: never caught as a plain ManagerError on that path.)"""
 
 
 class Updater:
@@ -3086,8 +3100,8 @@ class Updater:
             self.check_health(min(self.settings.settle, 5.0))
             self.job.set(ROLLED_BACK, f"rolled back to release {fallback}", logging.WARNING,
                          error=reason)
-        except (ManagerError, Unhealthy, OSError) as e:  # the record stays truthful
-            problem = getattr(e, "message", str(e))
+        except (ManagerError, OSError) as e:  # the record stays truthful
+            problem = describe(e)
             self.job.set(ROLLED_BACK, f"rolled back to release {fallback}, but it is not "
                          f"healthy either: {problem}", logging.ERROR,
                          error=f"{reason}; after the rollback: {problem}")
@@ -5008,8 +5022,7 @@ def main(argv=None):
         print(f"backend_ai_manager.py: error: {e}", file=sys.stderr)
         return 2
     except (ManagerError, OSError) as e:
-        text = e.message if isinstance(e, ManagerError) else f"{e.filename or ''}: {e.strerror}"
-        print(f"backend_ai_manager.py {args.command}: error: {text}", file=sys.stderr)
+        print(f"backend_ai_manager.py {args.command}: error: {describe(e)}", file=sys.stderr)
         return 1
     return check(settings) if args.command == "check" else serve(settings)
 
