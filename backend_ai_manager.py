@@ -316,50 +316,7 @@ def _libc_function(name):
 # ============================================================================================
 
 
-ROLES = {
-    "hub": {
-        "service": "ai-hub.service",
-        "install_dir": "/opt/backend-ai/hub",
-        "bind": "127.0.0.1",
-        "nas_url": "http://192.168.1.10:8888/api/raw/{version}/hub-{version}.tar.gz",
-        "title": "Hub",
-    },
-    "agent": {
-        "service": "ai-agent.service",
-        "install_dir": "/opt/backend-ai/agent",
-        "bind": "0.0.0.0",
-        "nas_url": "http://192.168.1.10:8888/api/raw/{version}/agent-{version}.tar.gz",
-        "title": "Agent",
-    },
-}
-COMMON_DEFAULTS = {
-    "port": "3081",
-    "keep_backups": "3",
-    "settle": "5",
-    "require_checksum": "no",
-    "log_requests": "no",
-    "health_url": "",
-    "token_file": "",
-    "allow": "",
-    "allowed_hosts": "",
-    "download_timeout": "600",
-    "max_download_mb": "2048",
-    "max_unpacked_mb": "8192",
-    "max_members": "200000",
-    "max_file_mb": "2048",
-    "command_timeout": "90",
-    "max_connections": "256",
-    "request_timeout": "10",
-    "agents": "",
-    "agent_token_file": "",
-    "rollout_batches": "1,25%,100%",
-    "rollout_parallel": "4",
-    "rollout_max_failures": "0",
-    "rollout_agent_timeout": "900",
-}
-# Settings only a hub takes: an agent given one (by flag or variable) refuses to start.
-HUB_ONLY = ("agents", "agent_token_file", "rollout_batches", "rollout_parallel",
-            "rollout_max_failures", "rollout_agent_timeout")
+ROLES = ("hub", "agent")
 UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,250}\.service$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 
@@ -578,61 +535,84 @@ def _networks(text):
 
 
 # name, flag, environment variable, parser, help
+class Option:
+    """One setting, declared once: its name (the flag --name-with-dashes and the variable
+    BACKEND_AI_NAME follow from it), its parser (text -> value, ValueError if invalid), its
+    default (one text, or one per role), whether only a hub takes it, and its help. Iterating
+    gives (name, flag, variable, parser, help)."""
+
+    def __init__(self, name, parse, default, text, hub_only=False):
+        self.name, self.parse, self.default, self.help = name, parse, default, text
+        self.hub_only = hub_only
+        self.flag = "--" + name.replace("_", "-")
+        self.env = "BACKEND_AI_" + name.upper()
+
+    def default_for(self, role):
+        return self.default[role] if isinstance(self.default, dict) else self.default
+
+    def __iter__(self):
+        return iter((self.name, self.flag, self.env, self.parse, self.help))
+
+
+NAS = "http://192.168.1.10:8888/api/raw/{version}"  # the seed's NAS, as an example default
 OPTIONS = [
-    ("role", "--role", "BACKEND_AI_ROLE", None, "hub or agent: picks the defaults"),
-    ("service", "--service", "BACKEND_AI_SERVICE", _service, "the systemd unit controlled"),
-    ("install_dir", "--install-dir", "BACKEND_AI_INSTALL_DIR", _abs_dir,
-     "where dist/ and package.json live"),
-    ("bind", "--bind", "BACKEND_AI_BIND", _bind, "address the API listens on"),
-    ("port", "--port", "BACKEND_AI_PORT", _int_in(1, 65535), "port the API listens on"),
-    ("nas_url", "--nas-url", "BACKEND_AI_NAS_URL", _nas_url, "release URL, {version} substituted"),
-    ("state_dir", "--state-dir", "BACKEND_AI_STATE_DIR", _abs_dir,
-     "update record, staging and kept releases"),
-    ("keep_backups", "--keep-backups", "BACKEND_AI_KEEP_BACKUPS", _int_in(1, 100),
-     "previous releases kept for rollback"),
-    ("settle", "--settle", "BACKEND_AI_SETTLE", _seconds(3600),
-     "seconds a restarted service must stay active (0: only check it is active)"),
-    ("require_checksum", "--require-checksum", "BACKEND_AI_REQUIRE_CHECKSUM", _bool,
-     "refuse a release without a matching .sha256"),
-    ("health_url", "--health-url", "BACKEND_AI_HEALTH_URL",
-     lambda t: _http_url(t, allow_empty=True), "must answer 2xx after a restart"),
-    ("token_file", "--token-file", "BACKEND_AI_TOKEN_FILE", _token_file,
-     "require 'Authorization: Bearer <token>'"),
-    ("allow", "--allow", "BACKEND_AI_ALLOW", _networks, "clients outside these CIDRs get 403"),
-    ("allowed_hosts", "--allowed-hosts", "BACKEND_AI_ALLOWED_HOSTS", _allowed_hosts,
-     "DNS names accepted in Host besides localhost and this machine's names (.domain: any "
-     "name under it; *: no check)"),
-    ("log_requests", "--log-requests", "BACKEND_AI_LOG_REQUESTS", _bool,
-     "log every request (by default only those that change something, fail or are refused)"),
-    ("download_timeout", "--download-timeout", "BACKEND_AI_DOWNLOAD_TIMEOUT", _seconds(86400),
-     "total deadline of a release download"),
-    ("max_download_mb", "--max-download-mb", "BACKEND_AI_MAX_DOWNLOAD_MB", _int_in(1, 1 << 20),
-     "largest release tarball accepted"),
-    ("max_unpacked_mb", "--max-unpacked-mb", "BACKEND_AI_MAX_UNPACKED_MB", _int_in(1, 1 << 22),
-     "largest unpacked release accepted"),
-    ("command_timeout", "--command-timeout", "BACKEND_AI_COMMAND_TIMEOUT", _seconds(3600),
-     "seconds a systemctl start/stop/restart may take before the API answers 504"),
-    ("max_connections", "--max-connections", "BACKEND_AI_MAX_CONNECTIONS", _int_in(1, 10000),
-     "open connections at most; past that a client gets 503"),
-    ("request_timeout", "--request-timeout", "BACKEND_AI_REQUEST_TIMEOUT", _seconds(3600),
-     "seconds a client has to send a whole request"),
-    ("max_file_mb", "--max-file-mb", "BACKEND_AI_MAX_FILE_MB", _int_in(1, 1 << 22),
-     "largest single file of a release accepted"),
-    ("max_members", "--max-members", "BACKEND_AI_MAX_MEMBERS", _int_in(1, 10_000_000),
-     "most files a release may hold"),
-    ("agents", "--agents", "BACKEND_AI_AGENTS", _agents,
-     "hub only: host[:port],... or @FILE (one a line), the agents' managers"),
-    ("agent_token_file", "--agent-token-file", "BACKEND_AI_AGENT_TOKEN_FILE", _token_file,
-     "hub only: the bearer token sent to agents"),
-    ("rollout_batches", "--rollout-batches", "BACKEND_AI_ROLLOUT_BATCHES", _batches,
-     "hub only: batch sizes, counts or percentages; the first is the canary, the last repeats"),
-    ("rollout_parallel", "--rollout-parallel", "BACKEND_AI_ROLLOUT_PARALLEL", _int_in(1, 256),
-     "hub only: agents updated at once inside a batch"),
-    ("rollout_max_failures", "--rollout-max-failures", "BACKEND_AI_ROLLOUT_MAX_FAILURES",
-     _int_in(0, 100000), "hub only: failures the whole rollout may have; one more halts it"),
-    ("rollout_agent_timeout", "--rollout-agent-timeout", "BACKEND_AI_ROLLOUT_AGENT_TIMEOUT",
-     _seconds(86400), "hub only: longest one agent's update may take"),
+    Option("role", None, None, "hub or agent: picks the defaults"),
+    Option("service", _service, {"hub": "ai-hub.service", "agent": "ai-agent.service"},
+           "the systemd unit controlled"),
+    Option("install_dir", _abs_dir, {"hub": "/opt/backend-ai/hub",
+                                     "agent": "/opt/backend-ai/agent"},
+           "where dist/ and package.json live"),
+    Option("bind", _bind, {"hub": "127.0.0.1", "agent": "0.0.0.0"},
+           "address the API listens on"),
+    Option("port", _int_in(1, 65535), "3081", "port the API listens on"),
+    Option("nas_url", _nas_url, {"hub": NAS + "/hub-{version}.tar.gz",
+                                 "agent": NAS + "/agent-{version}.tar.gz"},
+           "release URL, {version} substituted"),
+    Option("state_dir", _abs_dir, {"hub": "/var/lib/backend-ai-manager/hub",
+                                   "agent": "/var/lib/backend-ai-manager/agent"},
+           "update record, staging and kept releases"),
+    Option("keep_backups", _int_in(1, 100), "3", "previous releases kept for rollback"),
+    Option("settle", _seconds(3600), "5",
+           "seconds a restarted service must stay active (0: only check it is active)"),
+    Option("require_checksum", _bool, "no", "refuse a release without a matching .sha256"),
+    Option("health_url", lambda t: _http_url(t, allow_empty=True), "",
+           "must answer 2xx after a restart"),
+    Option("token_file", _token_file, "", "require 'Authorization: Bearer <token>'"),
+    Option("allow", _networks, "", "clients outside these CIDRs get 403"),
+    Option("allowed_hosts", _allowed_hosts, "",
+           "DNS names accepted in Host besides localhost and this machine's names (.domain: "
+           "any name under it; *: no check)"),
+    Option("log_requests", _bool, "no",
+           "log every request (by default only those that change something, fail or are "
+           "refused)"),
+    Option("download_timeout", _seconds(86400), "600", "total deadline of a release download"),
+    Option("max_download_mb", _int_in(1, 1 << 20), "2048", "largest release tarball accepted"),
+    Option("max_unpacked_mb", _int_in(1, 1 << 22), "8192", "largest unpacked release accepted"),
+    Option("command_timeout", _seconds(3600), "90",
+           "seconds a systemctl start/stop/restart may take before the API answers 504"),
+    Option("max_connections", _int_in(1, 10000), "256",
+           "open connections at most; past that a client gets 503"),
+    Option("request_timeout", _seconds(3600), "10",
+           "seconds a client has to send a whole request"),
+    Option("max_file_mb", _int_in(1, 1 << 22), "2048",
+           "largest single file of a release accepted"),
+    Option("max_members", _int_in(1, 10_000_000), "200000", "most files a release may hold"),
+    Option("agents", _agents, "", "host[:port],... or @FILE (one a line), the agents' managers",
+           hub_only=True),
+    Option("agent_token_file", _token_file, "", "the bearer token sent to agents",
+           hub_only=True),
+    Option("rollout_batches", _batches, "1,25%,100%",
+           "batch sizes, counts or percentages; the first is the canary, the last repeats",
+           hub_only=True),
+    Option("rollout_parallel", _int_in(1, 256), "4", "agents updated at once inside a batch",
+           hub_only=True),
+    Option("rollout_max_failures", _int_in(0, 100000), "0",
+           "failures the whole rollout may have; one more halts it", hub_only=True),
+    Option("rollout_agent_timeout", _seconds(86400), "900",
+           "longest one agent's update may take", hub_only=True),
 ]
+# Settings only a hub takes: an agent given one (by flag or variable) refuses to start.
+HUB_ONLY = tuple(option.name for option in OPTIONS if option.hub_only)
 
 
 class Settings:
@@ -699,22 +679,19 @@ def resolve_settings(flags, environ):
     if role not in ROLES:
         raise ConfigError(f"invalid role {role!r}: pass --role hub or --role agent "
                           "(or set BACKEND_AI_ROLE)")
-    defaults = dict(COMMON_DEFAULTS, **ROLES[role])
-    defaults["state_dir"] = f"/var/lib/backend-ai-manager/{role}"
-    values = {"role": role, "title": ROLES[role]["title"]}
+    values = {"role": role, "title": role.title()}
     # Where each value came from, for `check`: {name: (text, "command line", a variable or
     # "default")}.
     values["sources"] = sources = {"role": (role, "command line" if flags.get("role") else
                                             "BACKEND_AI_ROLE")}
-    for name, flag, env, parse, _help in OPTIONS:
-        if name == "role":
-            continue
+    for option in OPTIONS[1:]:
+        name, flag, env, parse, _help = option
         if flags.get(name) is not None:
             raw, origin = flags[name], "command line"
         elif env in environ:
             raw, origin = environ[env], env
         else:
-            raw, origin = defaults[name], "default"
+            raw, origin = option.default_for(role), "default"
         sources[name] = ("yes" if raw is True else raw, origin)
         if name in HUB_ONLY and role != "hub" and origin != "default":
             raise ConfigError(f"{flag} ({origin}) is a hub setting; an agent does not take it")
@@ -4518,14 +4495,15 @@ def build_parser():
     remover = commands.add_parser("uninstall", help="as root: stop the role's service and "
                                   "remove what install wrote (the state dir stays)")
     remover.add_argument("--role", choices=list(ROLES), required=True)
-    for name, flag, env, parse, text in OPTIONS:
+    for option in OPTIONS:
+        text = ("hub only: " if option.hub_only else "") + f"{option.help} (${option.env})"
         for command in (daemon, checker, installer):
-            if name in ("require_checksum", "log_requests"):
-                command.add_argument(flag, dest=name, action="store_const", const=True,
-                                     default=None, help=f"{text} (${env})")
+            if option.parse is _bool:
+                command.add_argument(option.flag, dest=option.name, action="store_const",
+                                     const=True, default=None, help=text)
             else:
-                command.add_argument(flag, dest=name, default=None, help=f"{text} (${env})",
-                                     choices=list(ROLES) if name == "role" else None)
+                command.add_argument(option.flag, dest=option.name, default=None, help=text,
+                                     choices=list(ROLES) if option.name == "role" else None)
     common = _Parser(add_help=False)
     common.add_argument("--host", default=os.environ.get("BACKEND_AI_HOST", "127.0.0.1:3081"),
                         help="the manager, HOST[:PORT] ($BACKEND_AI_HOST; default "

@@ -28,9 +28,13 @@ def test_the_settings_table_is_the_list_of_settings():
 def test_the_defaults_in_the_table_are_the_defaults():
     rows = dict(re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `BACKEND_AI_[A-Z_]+` \| ([^\n]*)\|$",
                            readme(), re.M))
-    for name, flag, *_ in bam.OPTIONS:
-        default = bam.COMMON_DEFAULTS.get(name, bam.ROLES["hub"].get(name))
-        if default and flag not in ("--nas-url", "--service", "--install-dir", "--bind"):
+    for option in bam.OPTIONS[1:]:
+        flag, default = option.flag, option.default_for("hub")
+        if isinstance(option.default, dict):  # one per role: both named in the row
+            assert option.default["hub"] in rows[flag], flag
+            assert option.default["agent"].rpartition("/")[2] in rows[flag], flag
+            continue
+        if default:
             assert re.search(rf"(^|[^0-9]){re.escape(str(default))}\b|`{re.escape(str(default))}`",
                              rows[flag]) or default in ("no", "off"), (flag, default, rows[flag])
 
