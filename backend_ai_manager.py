@@ -4631,7 +4631,8 @@ def unit_files(role):
     hub = role == "hub"
     unit = UNIT_TEMPLATE.format(
         kind=role, s="" if hub else "s", title="Hub" if hub else "Agent",
-        bind="127.0.0.1" if hub else "0.0.0.0", lan="" if hub else " (the LAN)")
+        bind=next(o for o in OPTIONS if o.name == "bind").default[role],
+        lan="" if hub else " (the LAN)")
     name = f"ai-{role}-manager.service"
     return {os.path.join(UNIT_DIR, name): unit,
             os.path.join(UNIT_DIR, f"{name}.d", "hardening.conf"):
