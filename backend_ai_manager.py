@@ -300,6 +300,35 @@ def _remove(path):
         shutil.rmtree(path)
 
 
+def _write_all(fd, data):
+    """os.write until every byte of data is written (a write may take fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_file(path, data, mode=0o644, durable=True):
+    """Write `data` to `path` whole or not at all: a temporary file beside it, renamed over
+    `path`; with `durable`, flushed to disk first and the folder after (a power cut keeps
+    the old file or the new one)."""
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+
+
 @functools.lru_cache(maxsize=None)
 def _libc_function(name):
     """A function of the C library (os has no renameat2 or syncfs), or None where missing."""
@@ -1609,13 +1638,6 @@ def link_target_inside(link_path, target, root):
     return root == "" or resolved == root or resolved.startswith(root + "/")
 
 
-def _write_all(fd, data):
-    """os.write until every byte of data is written (a write may take fewer)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _open_new(path, mode):
     """Open a new file for writing: never through a link, never over anything."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -2285,19 +2307,14 @@ def pack_release(build, kind, out, say=print):
             f" {version}: {os.path.getsize(temp)} bytes in {time.monotonic() - started:.1f} s")
         check_pack(temp, build, entries, version)
         say("checked: the manager's extractor unpacks exactly the build")
-        with open(f"{target}.sha256.tmp-{os.getpid()}", "w") as f:
-            f.write(f"{digest.hexdigest()}  {os.path.basename(target)}\n")
-            f.flush()
-            os.fsync(f.fileno())
         if os.path.lexists(f"{target}.sha256"):
             os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
         os.replace(temp, target)
-        os.replace(f"{target}.sha256.tmp-{os.getpid()}", f"{target}.sha256")
-        _fsync_dir(folder)
+        _write_file(f"{target}.sha256",
+                    f"{digest.hexdigest()}  {os.path.basename(target)}\n".encode())
     finally:
-        for path in (temp, f"{target}.sha256.tmp-{os.getpid()}"):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(temp):
+            os.unlink(temp)
         if made and not os.listdir(folder):
             os.rmdir(folder)  # a failed pack leaves nothing behind
     return target, digest.hexdigest()
@@ -2353,13 +2370,13 @@ def _same_bytes(a, b):
 
 # ============================================================================================
 # Releases: the on-disk layout that makes the switch atomic.
-# 
+#
 #   STATE/releases/000007-2.0.11/       complete releases, oldest first by sequence number
 #   STATE/current -> releases/000007-2.0.11      the one switch: a symlink replaced atomically
 #   STATE/staging/                      work in progress (downloads, extraction, deletions)
 #   INSTALL/dist -> STATE/current/dist  one stable link per top-level release entry
 #   INSTALL/config.json                 anything the release does not contain stays as it is
-# 
+#
 # A release is written completely, synced, and only then `current` is switched with one
 # rename(2), so the install is the old release or the new one at every instant.
 # ============================================================================================
@@ -2375,6 +2392,14 @@ def installed_version(settings):
             return read_package_json(path)  # raises, saying what is wrong
     except ReleaseError as e:
         raise ManagerError(f"cannot read the installed version: {e}") from None
+
+
+def installed_version_or_none(settings):
+    """The installed version; None when there is none to read (a first install)."""
+    try:
+        return installed_version(settings)[0]
+    except ManagerError:
+        return None
 
 
 RELEASE_RE = re.compile(r"^(\d{6})-(.+)$")
@@ -2685,7 +2710,7 @@ class Releases:
 # The update job: one at a time, in a background thread. Its record (STATE/update.json) is
 # saved at every step, so GET /update tells the truth after a manager restart, and a manager
 # that died mid-job finishes the job at start, from the phase the record names (RECOVERY).
-# 
+#
 #   idle -> downloading -> verifying -> swapping -> restarting -> checking -> succeeded
 #           (a rollback starts at swapping)
 #   then, from any phase: failed (the host is as it was) or rolled_back (the new release was
@@ -2827,15 +2852,7 @@ class JobRecord:
         return fields if keys is None else {k: fields.get(k) for k in keys}
 
     def _save(self, durable=False):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.fields, f, indent=1)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        if durable:
-            _fsync_dir(os.path.dirname(self.path))
+        _write_file(self.path, json.dumps(self.fields, indent=1).encode(), durable=durable)
         self._last_save = time.monotonic()
 
 
@@ -2871,10 +2888,7 @@ class Updater:
         return self._start("rollback", self.releases.version_of(target), target)
 
     def _start(self, action, version, target, then=None):
-        try:
-            from_version = installed_version(self.settings)[0]
-        except ManagerError:
-            from_version = None  # nothing (readable) installed yet: a first install
+        from_version = installed_version_or_none(self.settings)
         try:
             self.job.begin({
                 "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
@@ -3689,11 +3703,7 @@ class Api:
         return 200, self._agents_flight.run(self._agents_overview)
 
     def _agents_overview(self):
-        try:
-            hub_version = installed_version(self.settings)[0]
-        except ManagerError:
-            hub_version = None
-        return agents_overview(self.settings, hub_version)
+        return agents_overview(self.settings, installed_version_or_none(self.settings))
 
     def version(self, request):
         version, name = installed_version(self.settings)
@@ -3727,23 +3737,28 @@ def _date_header(second):
 
 
 def render_answer(request, status, payload, headers=None):
-    """The whole answer as bytes; logs it (see log_answer)."""
-    data = (json.dumps(payload) + "\n").encode()
+    """The whole answer to `request` as bytes; logs it (see log_answer). RFC 9112 9.3:
+    HTTP/1.1 persists unless either side says close; HTTP/1.0 only if the client asked for
+    keep-alive and the answer says keep-alive. An answer that ends the connection always says
+    close, so no client waits for the idle timeout."""
     log_answer(request, status, payload.get("error") if status >= 400 else None)
+    connection = "close" if request.close else (
+        "keep-alive" if request.version == "HTTP/1.0" else None)
+    return answer_bytes(status, payload, headers, connection, request.method != "HEAD")
+
+
+def answer_bytes(status, payload, headers=None, connection=None, body=True):
+    """An answer of the server: status line, headers, and `payload` as JSON."""
+    data = (json.dumps(payload) + "\n").encode()
     parts = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n".encode(), SERVER_HEADER,
              _date_header(int(time.time())), JSON_HEADERS,
              b"Content-Length: %d\r\n" % len(data)]
     for key, value in (headers or {}).items():
         parts.append(f"{key}: {value}\r\n".encode("latin-1", "replace"))
-    # RFC 9112 9.3: HTTP/1.1 persists unless either side says close; HTTP/1.0 only if the
-    # client asked for keep-alive and the answer says keep-alive. An answer that ends the
-    # connection always says close, so no client waits for the idle timeout.
-    if request.close:
-        parts.append(b"Connection: close\r\n")
-    elif request.version == "HTTP/1.0":
-        parts.append(b"Connection: keep-alive\r\n")
+    if connection:
+        parts.append(f"Connection: {connection}\r\n".encode())
     parts.append(b"\r\n")
-    if request.method != "HEAD":
+    if body:
         parts.append(data)
     return b"".join(parts)
 
@@ -3909,15 +3924,11 @@ class Server:
     def _refuse(self, sock, address, error):
         """Answer `error` without a worker, best effort, and close. (Not getpeername(): it
         raises on a client that already reset, which would end the selector thread.)"""
-        status, payload, _ = error_answer(error)
+        status, payload, headers = error_answer(error)
         log.warning('%s "-" %d refused: %s', address[0], status, error.message)
-        body = json.dumps(payload).encode() + b"\n"
-        reason = REASONS.get(status, "Error")
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         try:
             sock.setblocking(False)
-            sock.send(head + body)
+            sock.send(answer_bytes(status, payload, headers, "close"))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             sock.close()
@@ -4661,24 +4672,6 @@ def probe_hardening(run=None):
     return result.code, "\n".join(found or [words or f"exit status {result.code}"])
 
 
-def _write_file(path, data, mode):
-    """Write `data` to `path` whole or not at all: a temporary file beside it, flushed, renamed."""
-    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            _write_all(fd, data)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
-    _fsync_dir(os.path.dirname(path))
-
-
 def _read_bytes(path):
     try:
         with open(path, "rb") as f:
@@ -4949,11 +4942,7 @@ def serve(settings):
     rollout = None
     if settings.role == "hub":
         rollout = Rollout(settings)
-        try:
-            hub_version = installed_version(settings)[0]
-        except ManagerError:
-            hub_version = None
-        rollout.recover(updater.job.state, hub_version)
+        rollout.recover(updater.job.state, installed_version_or_none(settings))
     api = Api(settings, systemd, updater, rollout)
     try:
         server = Server(settings, api, raise_file_limit(settings))
