@@ -46,6 +46,11 @@ def host(sandbox, nas, work_dir):
             result = sandbox.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path])
             assert result.returncode == 0, result.stderr
             mounted.append(path)
+        # The sandbox's own unit folder comes first in systemd's search path: a manager unit
+        # an earlier test wrote there would hide the one install writes.
+        for stale in (UNIT, f"{UNIT}.d/hardening.conf"):
+            if os.path.exists(os.path.join(sandbox.units_dir, stale)):
+                os.unlink(os.path.join(sandbox.units_dir, stale))
         sandbox.add_unit(f"{UNIT}.d/sandbox.conf", "[Unit]\nDefaultDependencies=no\n")
         sandbox.add_unit(host.SERVICE, sandboxed(host.service_unit()))
         assert sandbox.systemctl("start", host.SERVICE).returncode == 0
