@@ -113,6 +113,12 @@ def describe(error):
     return f"internal error: {error}"
 
 
+def _text(value, limit=500):
+    """A string cut to `limit` characters (a field of an agent's answer, a log line in an
+    error); None for anything that is not a string."""
+    return value[:limit] if isinstance(value, str) else None
+
+
 class HttpError(ManagerError):
     """An answer of the HTTP layer itself: no such endpoint, a wrong method, a body too large,
     a missing token, a refused client."""
@@ -366,14 +372,15 @@ def _int_in(lo, hi):
     return parse
 
 
-def _seconds(hi):
+def _seconds(hi, lo=0.1):
+    """A number of seconds from `lo` to `hi`: a timeout of 0 would disable what it times."""
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise ValueError("expected a number of seconds") from None
-        if not 0 <= value <= hi:
-            raise ValueError(f"expected a number of seconds from 0 to {hi}")
+        if not lo <= value <= hi:
+            raise ValueError(f"expected a number of seconds from {lo:g} to {hi}")
         return value
     return parse
 
@@ -493,12 +500,38 @@ def _allowed_hosts(text):
     return frozenset(names)
 
 
-AGENT_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]{1,253}))(?::([0-9]{1,5}))?$")
+AGENT_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]{1,254}))(?::([0-9]{1,5}))?$")
 
 
-def parse_agents(text):
+def canonical_host(host):
+    """A host as one spelling: an IPv6 address compressed in brackets, an IPv4 address in
+    dotted decimal, a name in lower case without the trailing dot. Raises ValueError for a
+    name with an empty or over-long label, and for digits and dots that are not a dotted-
+    decimal IPv4 address (the resolver would read `010.0.0.1` as octal: 8.0.0.1)."""
+    if host.startswith("["):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            raise ValueError("no valid IPv6 address in brackets") from None
+    name = host.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if re.fullmatch(r"[0-9.]+", name) or re.fullmatch(r"0x[0-9a-f.x]+", name):
+        try:
+            return str(ipaddress.IPv4Address(name))
+        except ValueError:
+            raise ValueError("not an IPv4 address in dotted decimal (no leading zeros: a "
+                             "resolver reads them as octal)") from None
+    if len(name) > 253 or not HOST_NAME_RE.fullmatch(name):
+        raise ValueError("not a host name (labels of 1 to 63 letters, digits, '-')")
+    return name
+
+
+def parse_agents(text, strict=True):
     """`host[:port]` entries (port 3081 when left out), separated by commas or lines, `#`
-    comments allowed -> ['host:port', ...] in the order given, each once. Raises ValueError."""
+    comments allowed -> ['host:port', ...] in the order given, each spelled one way
+    (canonical_host) and listed once. Raises ValueError naming an invalid entry; with
+    strict False, keeps it as it is written instead (an agents file edited while the hub
+    runs: that entry fails as that agent's error, never the whole fleet's)."""
     agents = []
     for line in text.splitlines():
         for entry in line.split("#", 1)[0].split(","):
@@ -507,23 +540,23 @@ def parse_agents(text):
                 continue
             match = AGENT_RE.fullmatch(entry)
             port = int(match.group(3)) if match and match.group(3) else 3081
-            if not match or not 1 <= port <= 65535:
-                raise ValueError(f"{entry!r} is not host[:port]")
-            host = match.group(1) or match.group(2)
-            if match.group(1):
-                try:
-                    host = f"[{ipaddress.IPv6Address(host)}]"
-                except ValueError:
-                    raise ValueError(f"{entry!r} has no valid IPv6 address") from None
-            agent = f"{host}:{port}"
+            try:
+                if not match or not 1 <= port <= 65535:
+                    raise ValueError("not host[:port]")
+                host = canonical_host(f"[{match.group(1)}]" if match.group(1) else match.group(2))
+                agent = f"{host}:{port}"
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"{entry!r}: {e}") from None
+                agent = entry
             if agent not in agents:
                 agents.append(agent)
     return agents
 
 
-def read_agents(text):
+def read_agents(text, strict=True):
     """The agents of an --agents value: a list, or @FILE with one agent a line (read now).
-    Raises ValueError saying what is wrong."""
+    Raises ValueError saying what is wrong (see parse_agents for `strict`)."""
     if text.startswith("@"):
         path = text[1:]
         if not path.startswith("/"):
@@ -533,7 +566,7 @@ def read_agents(text):
                 text = f.read(1 << 20)
         except OSError as e:
             raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    return parse_agents(text)
+    return parse_agents(text, strict)
 
 
 def _agents(text):
@@ -601,7 +634,7 @@ OPTIONS = [
                                    "agent": "/var/lib/backend-ai-manager/agent"},
            "update record, staging and kept releases"),
     Option("keep_backups", _int_in(1, 100), "3", "previous releases kept for rollback"),
-    Option("settle", _seconds(3600), "5",
+    Option("settle", _seconds(3600, lo=0), "5",
            "seconds a restarted service must stay active (0: only check it is active)"),
     Option("require_checksum", _bool, "no", "refuse a release without a matching .sha256"),
     Option("health_url", lambda t: _http_url(t, allow_empty=True), "",
@@ -666,7 +699,7 @@ class Settings:
         """The agents, read afresh (an @FILE list changes without a restart); raises
         ConfigError if it cannot be read or parsed now."""
         try:
-            return read_agents(self.agents)
+            return read_agents(self.agents, strict=False)
         except ValueError as e:
             raise ConfigError(f"cannot read the agent list {self.agents!r}: {e}") from None
 
@@ -1242,14 +1275,15 @@ def _time_left(timeout, deadline):
     return left if timeout is None else min(timeout, left)
 
 
-def _connect(host, port, timeout, deadline=None):
+def _connect(host, port, timeout, deadline=None, start=0):
     """The one place that opens a connection to another host (the NAS, a health URL, an
     agent, a manager for the client). An IP address is used as it is (no resolver); a name is
     resolved, as bytes (a str is encoded with the idna codec, 0.2 MB of modules; UnicodeError
-    for a name it refuses). With timeout 0: a non-blocking socket whose connection to the
-    first address is under way, for a selector. Otherwise a connected socket, each address
-    tried with only the time left before `deadline` (socket.create_connection gives each the
-    whole timeout: an unreachable IPv6 address would double the wait for the IPv4 one)."""
+    for a name it refuses). With timeout 0: (a non-blocking socket whose connection is under
+    way, for a selector, the index of its address), from the address at `start` on (after
+    one that failed). Otherwise a connected socket, each address tried with only the time
+    left before `deadline` (socket.create_connection gives each the whole timeout: an
+    unreachable IPv6 address would double the wait for the IPv4 one)."""
     try:
         literal = ipaddress.ip_address(host)
         addresses = [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET,
@@ -1259,7 +1293,7 @@ def _connect(host, port, timeout, deadline=None):
         addresses = [(family, address) for family, _, _, _, address in socket.getaddrinfo(
             name, port, 0, socket.SOCK_STREAM)]
     error = OSError(f"no address for {host!r}")
-    for family, address in addresses:
+    for index, (family, address) in enumerate(addresses[start:], start):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if timeout == 0:
@@ -1267,15 +1301,13 @@ def _connect(host, port, timeout, deadline=None):
                 err = sock.connect_ex(address)
                 if err not in (0, errno.EINPROGRESS):
                     raise OSError(err, os.strerror(err))
-                return sock
+                return sock, index
             sock.settimeout(_time_left(timeout, deadline))
             sock.connect(address)
             return sock
         except OSError as e:
             sock.close()
             error = e
-            if timeout == 0:
-                break
     raise error
 
 
@@ -1333,7 +1365,9 @@ class AgentCall:
         self.agent, self.method, self.path = agent, method, path
         self.status = self.payload = self.error = self.rtt_ms = None
         self.answered = False
+        self.sent = False  # the whole request went out
         self.sock = None
+        self.address_index = 0
         self.received = bytearray()
         self.limit = MAX_AGENT_ANSWER  # bytes the answer may have, head included
         headers = ["Accept: application/json"]
@@ -1374,14 +1408,24 @@ def run_agent_calls(calls, connect_timeout, deadline):
     """Run every AgentCall at once, until each has its answer or its deadline passed."""
     started = time.monotonic()
     with selectors.DefaultSelector() as selector:
-        for call in calls:
-            host, _, port = call.agent.rpartition(":")
+        def connect(call, start=0):
+            """Connect to the agent's address at `start` or the next that takes it (every
+            address of a name, within the connect deadline: localhost is ::1 first)."""
             try:
-                call.sock = _connect(host.strip("[]"), int(port), 0)
+                host, _, port = parse_agents(call.agent)[0].rpartition(":")
+            except (ValueError, IndexError) as e:  # an entry written into the agents file
+                call.fail(f"not a valid agent: {e}")
+                return
+            try:
+                call.sock, call.address_index = _connect(host.strip("[]"), int(port), 0,
+                                                         start=start)
             except (OSError, UnicodeError) as e:
                 call.fail(f"cannot connect: {describe(e)}")
-                continue
+                return
             selector.register(call.sock, selectors.EVENT_WRITE, call)
+
+        for call in calls:
+            connect(call)
         connected = set()
         while selector.get_map():
             now = time.monotonic()
@@ -1398,11 +1442,18 @@ def run_agent_calls(calls, connect_timeout, deadline):
                     if call not in connected:
                         err = call.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if err:
-                            raise OSError(err, os.strerror(err))
+                            selector.unregister(call.sock)
+                            call.sock.close()
+                            call.sock = None
+                            connect(call, call.address_index + 1)  # the next address
+                            if call.sock is None:
+                                call.error = f"connection failed: {os.strerror(err)}"
+                            continue
                         connected.add(call)
                     if call.outgoing:
                         call.outgoing = call.outgoing[call.sock.send(call.outgoing):]
                         if not call.outgoing:
+                            call.sent = True
                             selector.modify(call.sock, selectors.EVENT_READ, call)
                         continue
                     data = call.sock.recv(65536)
@@ -2307,6 +2358,8 @@ def pack_release(build, kind, out, say=print):
             f" {version}: {os.path.getsize(temp)} bytes in {time.monotonic() - started:.1f} s")
         check_pack(temp, build, entries, version)
         say("checked: the manager's extractor unpacks exactly the build")
+        for warning in pack_limits(entries, os.path.getsize(temp)):
+            say(f"warning: {warning}")
         if os.path.lexists(f"{target}.sha256"):
             os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
         os.replace(temp, target)
@@ -2328,6 +2381,27 @@ class _FileBody:
 
     def read1(self, size):
         return self.f.read1(size)
+
+
+def pack_limits(entries, tarball_size):
+    """What a manager with the default limits would refuse in this release (a manager given
+    larger --max-* settings takes it)."""
+    default = {o.name: int(o.default) for o in OPTIONS if o.name.startswith("max_") and
+               o.name != "max_connections"}
+    sizes = [st.st_size for _name, kind, _path, st, _link in entries if kind == REGTYPE]
+    found = []
+    if len(entries) > default["max_members"]:
+        found.append(f"{len(entries)} members: over --max-members {default['max_members']}")
+    if sizes and max(sizes) > default["max_file_mb"] << 20:
+        found.append(f"a file of {max(sizes) >> 20} MB: over --max-file-mb "
+                     f"{default['max_file_mb']}")
+    if sum(sizes) > default["max_unpacked_mb"] << 20:
+        found.append(f"{sum(sizes) >> 20} MB unpacked: over --max-unpacked-mb "
+                     f"{default['max_unpacked_mb']}")
+    if tarball_size > default["max_download_mb"] << 20:
+        found.append(f"a tarball of {tarball_size >> 20} MB: over --max-download-mb "
+                     f"{default['max_download_mb']}")
+    return [f"{text}; managers with the default limits refuse this release" for text in found]
 
 
 def check_pack(tarball, build, entries, version):
@@ -2794,14 +2868,21 @@ class JobRecord:
                 self.fields = previous
                 raise
 
-    def set(self, state=None, message=None, level=logging.INFO, durable=False, **fields):
+    def set(self, state=None, message=None, level=logging.INFO, durable=False, recount=None,
+            **fields):
         """Change the state and fields; a message becomes the step and a log entry. With
         durable, a failed save raises OSError (the caller must not go on); otherwise it is
-        logged and the record in memory stays true."""
+        logged and the record in memory stays true. `recount`: a list field whose entries'
+        states are counted into `counts`, in the same locked step as the save."""
         with self.lock:
             if state:
                 self.fields["state"] = state
             self.fields.update(fields)
+            if recount:
+                counts = {}
+                for entry in self.fields.get(recount) or ():
+                    counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+                self.fields["counts"] = counts
             if message:
                 self.fields["step"] = message
                 self.fields["log"] = (self.fields.get("log") or [])[-(self.LOG_LIMIT - 1):] + [
@@ -2820,15 +2901,11 @@ class JobRecord:
             log.log(level, "%s %s: %s", action, state, message)
             sd_notify(f"STATUS={action} {state}: {message}")
 
-    def update_entry(self, key, entry, **fields):
-        """Change one entry of the record's list `key` (a rollout's agents); returns how many
-        entries of that list are in each state. In memory; the next set() saves it."""
+    def update_entry(self, entry, **fields):
+        """Change one entry of a list in the record (a rollout's agents), in memory; the next
+        set() saves it."""
         with self.lock:
             entry.update(fields)
-            counts = {}
-            for e in self.fields.get(key) or ():
-                counts[e["state"]] = counts.get(e["state"], 0) + 1
-            return counts
 
     def count(self, **counters):
         """Progress counters: in memory at once, saved at most once a second."""
@@ -2877,9 +2954,10 @@ class Updater:
         return self.job.working()
 
     # --- starting jobs (called by the API)
-    def start_update(self, version, then=None):
-        """Start an update; `then(state)` runs in the job's thread once it has ended."""
-        return self._start("update", version, None, then)
+    def start_update(self, version, then=None, rollout=None):
+        """Start an update; `then(state)` runs in the job's thread once it has ended.
+        `rollout`: the id of the hub's rollout that sent it, kept in the record."""
+        return self._start("update", version, None, then, rollout)
 
     def start_rollback(self):
         target = self.releases.previous_id()
@@ -2887,13 +2965,14 @@ class Updater:
             raise Busy("no previous release to roll back to")
         return self._start("rollback", self.releases.version_of(target), target)
 
-    def _start(self, action, version, target, then=None):
+    def _start(self, action, version, target, then=None, rollout=None):
         from_version = installed_version_or_none(self.settings)
         try:
             self.job.begin({
                 "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
                 "version": version, "from_version": from_version, "bytes": 0, "total": None,
-                "files": 0, "target": target, "fallback": self.releases.current_id()})
+                "files": 0, "target": target, "fallback": self.releases.current_id(),
+                "rollout": rollout})
         except OSError as e:
             raise ManagerError(f"cannot write the update record {self.job.path}: "
                                f"{e.strerror}") from None
@@ -2914,14 +2993,19 @@ class Updater:
             self._roll_back(str(e))
         except Exception as e:  # an unexpected fault must still leave a complete install
             log.exception("%s failed unexpectedly", self.job.get("action"))
-            self.releases.recover()
-            self._finish_interrupted(f"internal error: {e}")
-            self.releases.discard_newer()
+            try:
+                self.releases.recover()
+                self._finish_interrupted(f"internal error: {e}")
+                self.releases.discard_newer()
+            except Exception as again:  # the record never stays working with no job
+                log.exception("recovery after that failed too")
+                self.job.set(FAILED, f"internal error: {e}; then: {describe(again)}",
+                             logging.ERROR, error=f"internal error: {e}")
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
-        if then is not None:
-            then(self.job.state)
+            if then is not None:
+                then(self.job.state)
 
     # --- the phases
     def _fetch(self, version, staging):
@@ -3067,11 +3151,15 @@ class Updater:
         raise Unhealthy(f"health URL {url} did not answer 2xx within {within:g} s: {error}")
 
     def _last_lines(self, lines=5):
+        """The unit's last journal lines for a failure's text: each cut to 500 characters,
+        about 2 KB in all (a crash printing a minified bundle's 100 KB line must not make
+        the record too big for the hub to read)."""
         try:
             text = self.systemd.logs(lines, output="cat")
         except ManagerError as e:
-            return f"(no logs: {e.message})"
-        return " | ".join(line.strip() for line in text.splitlines()[-lines:]) or "(no log lines)"
+            return f"(no logs: {_text(e.message)})"
+        return _text(" | ".join(_text(line.strip()) for line in text.splitlines()[-lines:]),
+                     2000) or "(no log lines)"
 
     def _roll_back(self, reason):
         """Put the fallback release back and restart it; record why."""
@@ -3137,11 +3225,6 @@ class Updater:
 # hub talks to each agent's manager with AgentCall (see the wire section): answers are checked
 # field by field (an agent is untrusted input), and the agent token goes to agents only.
 # ============================================================================================
-
-
-def _text(value, limit=500):
-    """A string field of an agent's answer, bounded; None for anything else."""
-    return value[:limit] if isinstance(value, str) else None
 
 
 def agent_status(call):
@@ -3217,6 +3300,62 @@ def plan_batches(agents, batches):
     return planned
 
 
+def merge_spellings(agents, settings):
+    """{agent: {"aliases": [...], "hub": True}} in the order given: agents whose host resolves
+    to an address another listed agent has (at the same port) are one agent, listed once under
+    its first spelling, its other spellings in `aliases`; `hub` marks an entry that is this
+    hub's own manager. A name that does not resolve stays an agent of its own (unreachable
+    when it is tried). Names are resolved by the system's resolver, without our deadline."""
+    merged, seen = {}, []
+    for agent in agents:
+        host, _, port = agent.rpartition(":")
+        try:
+            addresses = {(info[4][0], int(port)) for info in socket.getaddrinfo(
+                host.strip("[]"), int(port), type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError, ValueError):  # unresolvable, or an invalid entry
+            addresses = set()
+        first = next((a for a, known in seen if known & addresses), None)
+        if first:
+            merged[first].setdefault("aliases", []).append(agent)
+            continue
+        seen.append((agent, addresses))
+        merged[agent] = {"hub": True} if any(_is_own(a, settings) for a in addresses) else {}
+    return merged
+
+
+def _is_own(address, settings):
+    """Whether (ip, port) reaches this manager itself: its port, and its bind address (when
+    bound to all addresses: any loopback address or one of the host name's)."""
+    ip, port = address
+    if port != settings.port:
+        return False
+    if settings.bind not in ("0.0.0.0", "::"):
+        return ip == settings.bind
+    try:
+        if ipaddress.ip_address(ip.partition("%")[0]).is_loopback:
+            return True
+        return ip in {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except (ValueError, OSError):
+        return False
+
+
+def agent_record(call):
+    """An agent's job record from its GET /update: the JSON object of a 200 answer; from an
+    answer too big to take (an older agent's unbounded failure text), the top-level fields
+    that can be read from its first part (action, state, version, rollout); else None."""
+    if call.status == 200:
+        return call.payload
+    if not call.error or not call.error.startswith("answer over"):
+        return None
+    head, _, body = bytes(call.received[:16384]).partition(b"\r\n\r\n")
+    if not STATUS_LINE.match(head.partition(b"\r\n")[0]) or not head.startswith(b"HTTP/1.1 200"):
+        return None
+    record = {}
+    for key, value in re.findall(rb'"(action|state|version|rollout)": "([^"\\]{0,100})"', body):
+        record.setdefault(key.decode(), value.decode("utf-8", "replace"))
+    return record if "state" in record else None
+
+
 def call_agent(agent, method, path, token, body=None):
     """One request to an agent's manager with the same deadlines as GET /agents; returns the
     finished AgentCall."""
@@ -3251,17 +3390,20 @@ class Rollout:
         agents = self.settings.agent_list()
         if not agents:
             raise InvalidInput("no agents are configured (--agents)")
+        merged = merge_spellings(agents, self.settings)
         entries = []
-        for number, batch in enumerate(plan_batches(agents, self.settings.rollout_batches), 1):
+        for number, batch in enumerate(plan_batches(list(merged), self.settings.rollout_batches),
+                                       1):
             for agent in batch:
                 entries.append({"agent": agent, "batch": number, "state": WAITING,
                                 "from_version": None, "version": version, "step": None,
                                 "error": None, "started_at": None, "finished_at": None})
+                entries[-1].update(merged[agent])  # aliases, hub
         self.halt_requested.clear()
         try:
             self.job.begin({"action": "rollout", "state": PENDING, "version": version,
-                            "after_hub": after_hub, "halt": False, "agents": entries,
-                            "counts": {}})
+                            "id": os.urandom(8).hex(), "after_hub": after_hub, "halt": False,
+                            "agents": entries, "counts": {}})
         except OSError as e:
             raise ManagerError(f"cannot write the rollout record {self.job.path}: "
                                f"{e.strerror}") from None
@@ -3278,9 +3420,10 @@ class Rollout:
                          logging.ERROR, error=f"the hub's update ended {state}")
 
     def halt(self):
-        if not self.running():
-            raise Busy("no rollout is running")
-        self.halt_requested.set()
+        with self.job.lock:
+            if not self.running():
+                raise Busy("no rollout is running")
+            self.halt_requested.set()
         self.job.set(message="halt requested: agents mid-update finish, no new one starts",
                      halt=True, durable=True)
 
@@ -3316,10 +3459,12 @@ class Rollout:
         self.job.set(ROLLING, f"rolling version {self.job.get('version')} out to "
                      f"{len(entries)} agents", durable=True)
         for batch in sorted({e["batch"] for e in entries}):
-            if self._stop_reason():
-                break
-            todo = [e for e in entries if e["batch"] == batch and e["state"] in
-                    (WAITING, UPDATING)]
+            # Once stopping, no agent starts, but agents mid-update (after a restart, in any
+            # batch) are still followed to their outcome.
+            wanted = (UPDATING,) if self._stop_reason() else (WAITING, UPDATING)
+            todo = [e for e in entries if e["batch"] == batch and e["state"] in wanted]
+            if not todo:
+                continue
             self.job.set(message=f"batch {batch}: {len(todo)} agents")
             work = queue.SimpleQueue()
             for entry in todo:
@@ -3333,7 +3478,8 @@ class Rollout:
         self._finish()
 
     def _stop_reason(self):
-        failures = sum(self.job.get("counts", {}).get(s, 0) for s in AGENT_FAILURES)
+        with self.job.lock:  # from the entries themselves: never a stale count
+            failures = sum(e["state"] in AGENT_FAILURES for e in self.job.fields["agents"])
         if failures > self.settings.rollout_max_failures:
             return f"{failures} agents failed (--rollout-max-failures " \
                    f"{self.settings.rollout_max_failures})"
@@ -3349,61 +3495,95 @@ class Rollout:
                 return
             if entry["state"] == WAITING and self._stop_reason():
                 continue  # no new agent starts; it stays waiting
+            resumed = entry["state"] == UPDATING
             try:
                 self._roll(entry)
             except Exception as e:  # one agent's surprise must not stop the bookkeeping
                 log.exception("rollout to %s failed unexpectedly", entry["agent"])
-                self._mark(entry, LOST, f"internal error: {e}")
+                if resumed or entry.get("sent"):
+                    self._mark(entry, LOST, f"internal error: {e}")
+                else:
+                    self._mark(entry, UNREACHABLE, f"internal error: {e}; nothing was sent")
 
     def _mark(self, entry, state, error=None, durable=False, **fields):
         if state not in (WAITING, UPDATING):
             fields["finished_at"] = utc_now()
-        counts = self.job.update_entry("agents", entry, state=state, error=error, **fields)
+        self.job.update_entry(entry, state=state, error=error, **fields)
         self.job.set(message=f"{entry['agent']}: {state}" + (f" ({error})" if error else ""),
-                     counts=counts, durable=durable)
+                     durable=durable, recount="agents")
 
     def _roll(self, entry):
         """One agent: current, unreachable, or its update sent once and followed to its end."""
         agent, version = entry["agent"], self.job.get("version")
         token = self.settings.agent_token()
         if entry["state"] == WAITING:
+            if entry.get("hub"):  # listed among its own agents
+                if installed_version_or_none(self.settings) == version:
+                    return self._mark(entry, CURRENT, from_version=version)
+                return self._mark(entry, UNREACHABLE, "this is the hub itself: update it with "
+                                  "target 'hub' (nothing was sent)")
             status = call_agent(agent, "GET", "/status", token)
             info = agent_status(status)
             if info["error"] or not info["reachable"]:
                 return self._mark(entry, UNREACHABLE, info["error"])
             if info["version"] == version:
                 return self._mark(entry, CURRENT, from_version=info["version"])
+            if self._stop_reason():  # a halt or a failure elsewhere meanwhile: not started
+                return
             # Recorded durably before the POST: after a crash this agent is polled, not asked
             # again.
             self._mark(entry, UPDATING, started_at=utc_now(), step="sending the update",
                        from_version=info["version"], durable=True)
-            post = call_agent(agent, "POST", "/update", token, body={"version": version})
-            if not post.answered:
-                return self._mark(entry, LOST, f"sending the update: {post.error}")
-            if post.status != 200 or not (post.payload or {}).get("success"):
+            self.job.update_entry(entry, sent=True)
+            post = call_agent(agent, "POST", "/update", token,
+                              body={"version": version, "rollout": self.job.get("id")})
+            if not post.sent:
+                return self._mark(entry, UNREACHABLE, f"sending the update: {post.error} "
+                                  "(nothing was sent)")
+            if post.status == 409 and self._adopt(entry, version, token):
+                pass  # the agent was already updating to this version: followed
+            elif post.status is None:
+                pass  # sent, and the answer lost: the agent's own record tells
+            elif post.status != 200 or not (post.payload or {}).get("success"):
                 return self._mark(entry, FAILED, f"the agent refused the update: HTTP "
                                   f"{post.status}: {_text((post.payload or {}).get('error'))}")
         self._follow(entry, version, token)
 
+    def _adopt(self, entry, version, token):
+        """After a 409: True if the agent is already running an update to `version` (started
+        by an operator or an earlier hub), which is then followed as this agent's outcome."""
+        record = agent_record(call_agent(entry["agent"], "GET", "/update", token))
+        if record and record.get("action") == "update" and record.get("version") == version \
+                and record.get("state") in WORKING_STATES:
+            self.job.update_entry(entry, adopted=True,
+                                  step="already updating to this version: followed")
+            return True
+        return False
+
     def _follow(self, entry, version, token):
-        """Poll the agent's GET /update until its job for `version` ends, or the timeout."""
+        """Poll the agent's GET /update until its job for `version` from this rollout (or the
+        one adopted) ends, or the timeout. (A record without a `rollout` field, from an agent
+        of an earlier version or too big to read whole, is matched by its version.)"""
         started = time.monotonic()
         last = "no answer yet"
+        rollout_id = None if entry.get("adopted") else self.job.get("id")
         while time.monotonic() - started < self.settings.rollout_agent_timeout:
             call = call_agent(entry["agent"], "GET", "/update", token)
-            record = call.payload if call.status == 200 else None
+            record = agent_record(call)
             if record is None:
                 last = call.error or f"HTTP {call.status}"
-            elif record.get("version") != version or record.get("action") != "update":
-                return self._mark(entry, LOST, "the agent's job is not this update (the hub "
-                                  "restarted before it knew the update was sent; not sent again)")
+            elif record.get("version") != version or record.get("action") != "update" or (
+                    rollout_id and record.get("rollout", rollout_id) != rollout_id):
+                return self._mark(entry, LOST, "the agent's job is not this rollout's update "
+                                  "(the hub restarted before it knew the update was sent; not "
+                                  "sent again)")
             elif record.get("state") in FINAL_STATES:
                 state = record["state"]
                 return self._mark(entry, state, _text(record.get("error")),
                                   step=_text(record.get("step")))
             else:
                 last = f"{_text(record.get('state'), 20)}: {_text(record.get('step'), 200)}"
-                self.job.update_entry("agents", entry, step=last)
+                self.job.update_entry(entry, step=last)
             time.sleep(agent_poll_interval(time.monotonic() - started))
         self._mark(entry, LOST, f"no final state within {self.settings.rollout_agent_timeout:g} s"
                                 f" (last: {last})")
@@ -3411,10 +3591,10 @@ class Rollout:
     def _finish(self):
         entries = self.job.get("agents")
         reason = self._stop_reason()
-        if reason:
+        if all(e["state"] in (SUCCEEDED, CURRENT) for e in entries):
+            state, error = SUCCEEDED, None  # also after a halt that stopped nothing
+        elif reason:
             state, error = HALTED, reason
-        elif all(e["state"] in (SUCCEEDED, CURRENT) for e in entries):
-            state, error = SUCCEEDED, None
         else:
             state, error = INCOMPLETE, "some agents are not on the version: " + ", ".join(
                 f"{e['agent']} {e['state']}" for e in entries
@@ -3645,6 +3825,10 @@ class Api:
         body = request.json()
         version = parse_version(body.get("version"))
         target = body.get("target")
+        rollout_id = body.get("rollout")
+        if rollout_id is not None and not (isinstance(rollout_id, str) and re.fullmatch(
+                r"[0-9a-f]{8,64}", rollout_id)):
+            raise InvalidInput("invalid rollout: expected the hub's rollout id (hex)")
         if target not in (None, "hub", "agents"):
             raise InvalidInput(f"invalid target {target!r}: expected 'hub' or 'agents'")
         if target == "agents" and self.rollout is None:
@@ -3663,10 +3847,16 @@ class Api:
                              "started", "update": self.rollout.view()}
             then = None
             if target is None and self.rollout is not None and self.settings.agents:
-                self.rollout.begin(version, after_hub=True)
-                then = self.rollout.after_hub
+                try:
+                    listed = self.settings.agent_list()
+                except ConfigError as e:  # nothing started: not the hub without its agents
+                    raise ManagerError(f"{e.message}: fix the agent list, or update the hub "
+                                       "alone with target 'hub'") from None
+                if listed:  # an empty list: the hub alone
+                    self.rollout.begin(version, after_hub=True)
+                    then = self.rollout.after_hub
             try:
-                record = self.updater.start_update(version, then=then)
+                record = self.updater.start_update(version, then=then, rollout=rollout_id)
             except ManagerError as e:
                 if then:
                     then(f"not started ({e.message})")
@@ -4217,6 +4407,10 @@ class Client:
         call.limit = 64 << 20
         run_agent_calls([call], AGENT_CONNECT_TIMEOUT, CLIENT_DEADLINES[method])
         if call.status is None:
+            if method != "GET" and call.sent and not call.answered:
+                raise ClientError(f"{method} {path} was sent to {self.host} but no answer came "
+                                  f"({call.error}): it may have started; see `status`",
+                                  EXIT_UNREACHABLE)
             raise ClientError(f"cannot reach the manager at {self.host}: {call.error}",
                               EXIT_UNREACHABLE if not call.answered else EXIT_FAILED)
         if call.status >= 400:
@@ -4364,13 +4558,40 @@ class Client:
             self.dump(final)
         return code
 
+    CONTACT_GRACE = 60  # seconds a job is followed through a manager that does not answer
+
+    def _poll(self):
+        """GET /update while following a job: a manager that stops answering (a network blip,
+        its restart) is asked again every second for CONTACT_GRACE seconds before giving up;
+        the job goes on there either way."""
+        lost = None
+        while True:
+            try:
+                record = self.call("GET", "/update")
+                if lost is not None:
+                    print("in contact again", file=self.err, flush=True)
+                return record
+            except ClientError as e:
+                if e.code != EXIT_UNREACHABLE:
+                    raise
+                if lost is None:
+                    lost = time.monotonic()
+                    self._clear_bar()
+                    print(f"no answer ({e.message}); asking again for {self.CONTACT_GRACE} s",
+                          file=self.err, flush=True)
+                elif time.monotonic() - lost > self.CONTACT_GRACE:
+                    raise ClientError(f"lost contact with the manager at {self.host} for "
+                                      f"{self.CONTACT_GRACE} s; the job goes on there: see "
+                                      "`status`", EXIT_UNREACHABLE) from None
+                time.sleep(1)
+
     def _follow_job(self, first):
         """Poll GET /update until the job this manager started has ended, printing each step
         as it happens; returns the final record."""
         started_at = first.get("started_at")
         printed = set()
         while True:
-            record = self.call("GET", "/update")
+            record = self._poll()
             if started_at and record.get("started_at") != started_at:
                 raise ClientError("another job replaced this one on the manager (its record "
                                   f"now shows {record.get('action')} {record.get('version')})")
@@ -4392,7 +4613,7 @@ class Client:
         outcome as it comes and the rollout's steps; returns the final rollout record."""
         outcomes, step = {}, None
         while True:
-            rollout = self.call("GET", "/update").get("agents") or {}
+            rollout = self._poll().get("agents") or {}
             if not self.as_json:
                 for entry in rollout.get("agents") or []:
                     state = entry.get("state")
