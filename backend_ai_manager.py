@@ -2310,6 +2310,9 @@ def pack_release(build, kind, out, say=print):
     if not os.path.isdir(os.path.join(build, "dist")) or \
             os.path.islink(os.path.join(build, "dist")):
         raise ClientError(f"not a build: {build}/dist/ is missing")
+    if (os.path.realpath(out) + "/").startswith(os.path.realpath(build) + "/"):
+        raise ClientError(f"--out {out} is inside the build {build}: the next pack would hold "
+                          "this one's tarballs", EXIT_USAGE)
     folder = os.path.join(os.path.abspath(out), version)
     target = os.path.join(folder, f"{kind}-{version}.tar.gz")
     entries = walk_build(build)

@@ -274,3 +274,135 @@ def test_a_second_hub_serve_mid_rollout_changes_nothing(fleet):
           "each agent got one POST /update")
     for agent in agents:
         agent.assert_installed("2.0.16")
+
+
+# --- the rollout's bookkeeping under faults (real agent managers) ---------------------------
+
+class listed_as:
+    """The hub's agents file holds `text` inside the block, and its old content after."""
+
+    def __init__(self, listed, text):
+        self.listed, self.text = listed, text
+
+    def __enter__(self):
+        with open(self.listed) as f:
+            self.old = f.read()
+        with open(self.listed, "w") as f:
+            f.write(self.text)
+
+    def __exit__(self, *exc):
+        with open(self.listed, "w") as f:
+            f.write(self.old)
+
+
+def test_one_agent_under_four_spellings_gets_one_post(fleet):
+    from support import Host
+    hub, agents, listed = fleet
+    base = os.path.dirname(listed)
+    local = Host(hub.sandbox, os.path.join(base, "agent-local"), hub.nas, role="agent",
+                 name="local", address="127.0.0.1", port=3081, python=PYTHON, settle=0.5,
+                 node=hub.node, env={"BACKEND_AI_TOKEN_FILE": os.path.join(base, "token")})
+    local.install_base("2.0.10")
+    agents[0].publish("2.0.17")
+    with started_hosts([local]), listed_as(listed, "localhost\nLOCALHOST:3081\n127.0.0.1\n"
+                                                   "localhost.:3081\n"):
+        before = post_update_counts([local])
+        assert hub.api("POST", "/update", {"version": "2.0.17", "target": "agents"})[0] == 200
+        rollout = wait_rollout(hub)["agents"]
+        assert rollout["state"] == "succeeded", rollout
+        assert [(e["agent"], e.get("aliases")) for e in rollout["agents"]] == [
+            ("localhost:3081", ["127.0.0.1:3081"])]
+        assert [n - b for n, b in zip(post_update_counts([local]), before)] == [1]
+        local.assert_installed("2.0.17")
+
+
+def test_bad_entries_reach_no_host_and_make_no_500(fleet):
+    """`127.0.1.010` is 127.0.1.8 to the resolver (octal): nothing may reach that host."""
+    hub, agents, listed = fleet
+    witness = socket.socket()
+    witness.bind(("127.0.1.8", 3081))
+    witness.listen(8)
+    witness.settimeout(0.2)
+    agents[0].publish("2.0.18")
+    try:
+        with listed_as(listed, "127.0.1.1\n127.0.1.010\nagent7..lan\n"):
+            status, body = hub.api("GET", "/agents")
+            assert status == 200, body
+            errors = {e["agent"]: e["error"] for e in body["agents"]}
+            assert errors["127.0.1.1:3081"] is None
+            assert "leading zeros" in errors["127.0.1.010"]
+            assert "not a host name" in errors["agent7..lan"]
+            assert hub.api("POST", "/update", {"version": "2.0.18", "target": "agents"})[0] == 200
+            rollout = wait_rollout(hub)["agents"]
+            states = {e["agent"]: e["state"] for e in rollout["agents"]}
+            assert states == {"127.0.1.1:3081": "succeeded", "127.0.1.010": "unreachable",
+                              "agent7..lan": "unreachable"}, rollout
+            assert rollout["state"] == "incomplete"
+        with pytest.raises(socket.timeout):
+            witness.accept()  # nobody connected to 127.0.1.8
+    finally:
+        witness.close()
+
+
+def test_a_crash_printing_100_kb_is_rolled_back_in_seconds_and_readable_afterwards(fleet):
+    hub, agents, listed = fleet
+    crash = b'console.error("y".repeat(100000)); process.exit(1);\n'
+    agents[0].publish("2.0.19", extra={"dist/index.js": crash})
+    with listed_as(listed, "127.0.1.1\n"):
+        started = time.monotonic()
+        assert hub.api("POST", "/update", {"version": "2.0.19", "target": "agents"})[0] == 200
+        rollout = wait_rollout(hub)["agents"]
+        took = time.monotonic() - started
+        entry = rollout["agents"][0]
+        assert entry["state"] == "rolled_back", entry  # not lost after the agent timeout
+        assert rollout["state"] == "halted"
+        status, body = hub.api("GET", "/agents")
+        one = body["agents"][0]
+        assert one["reachable"] is True and one["error"] is None, one
+        assert one["update"]["state"] == "rolled_back" and len(one["update"]["error"]) < 2600
+    agents[0].assert_installed("2.0.18")
+    print(f"\na crash printing 100 KB: rolled_back after {took:.1f} s; GET /agents reads it")
+
+
+def test_a_hub_killed_after_the_budget_is_spent_records_the_other_agents_outcome(fleet):
+    """Agent 1 rolls back at once (the budget is 0); agent 2, in the same batch, is still
+    downloading (slowly) when the hub's manager is killed: after the restart its real outcome
+    is recorded, and it got one POST."""
+    hub, agents, listed = fleet
+    nas = hub.nas
+    agents[0].publish("2.0.20", crash=True)
+    hub.publish("2.0.20")  # agent 2 takes the hub's tarball of 2.0.20 (the same Node app)
+    nas.faults[nas.path_of("2.0.20")] = "throttle:1000000"
+    agents[1].restart_manager(BACKEND_AI_NAS_URL=nas.url_template("hub"))
+    hub.restart_manager(BACKEND_AI_ROLLOUT_BATCHES="100%")
+    before = post_update_counts(agents[:2])
+    try:
+        with listed_as(listed, "127.0.1.1\n127.0.1.2\n"):
+            assert hub.api("POST", "/update", {"version": "2.0.20", "target": "agents"})[0] \
+                == 200
+            deadline, spent = time.monotonic() + 60, None
+            while time.monotonic() < deadline and not spent:
+                entries = hub.api("GET", "/update")[1]["agents"]["agents"]
+                if entries[0]["state"] == "rolled_back" and entries[1]["state"] == "updating":
+                    spent = entries
+                time.sleep(0.05)
+            assert spent, "never saw agent 1 rolled back while agent 2 was updating"
+            pid = hub.manager_pid()
+            hub.sandbox.systemctl("kill", "-s", "KILL", hub.MANAGER_UNIT)
+            record = wait_rollout(hub)
+            assert hub.manager_pid() != pid
+            rollout = record["agents"]
+            assert [e["state"] for e in rollout["agents"]] == ["rolled_back", "succeeded"], \
+                rollout
+            assert rollout["state"] == "halted" and rollout["counts"] == {
+                "rolled_back": 1, "succeeded": 1}
+            assert all(e["finished_at"] for e in rollout["agents"])
+            assert [n - b for n, b in zip(post_update_counts(agents[:2]), before)] == [1, 1]
+            import trees  # agent 2's tree, byte for byte, against GNU tar's of the hub tarball
+            expected = nas.expected_tree("2.0.20", "hub")
+            trees.assert_same(expected, trees.installed(agents[1].install_dir, expected),
+                              agents[1].install_dir)
+    finally:
+        nas.faults.pop(nas.path_of("2.0.20"), None)
+        agents[1].restart_manager()
+        hub.restart_manager()

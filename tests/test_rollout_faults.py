@@ -401,3 +401,12 @@ def test_every_address_of_a_name_is_tried(monkeypatch):
     finally:
         listener.close()
         nobody.close()
+
+
+def test_pack_refuses_an_out_folder_inside_the_build(tmp_path):
+    build = tmp_path / "build"
+    (build / "dist").mkdir(parents=True)
+    (build / "package.json").write_text('{"name": "x", "version": "1.0.0"}')
+    with pytest.raises(bam.ClientError, match="is inside the build") as error:
+        bam.pack_release(str(build), "hub", str(build / "nas"), say=lambda line: None)
+    assert error.value.code == bam.EXIT_USAGE and not (build / "nas").exists()
