@@ -472,6 +472,19 @@ def read_token_file(path):
     return token, None
 
 
+def token_file_exposed(path):
+    """A warning if the token file can be read by users other than its owner and group's
+    (a secret in a file any local user can read), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & 0o004:
+        return (f"the token file {path} is readable by every user (mode "
+                f"{stat.S_IMODE(mode):04o}): chmod 600 it")
+    return None
+
+
 def _token_file(text):
     if text == "":
         return ""
@@ -4395,6 +4408,8 @@ class Client:
             if problem:
                 raise ClientError(f"--token-file {token_file} is not valid: {problem}",
                                   EXIT_USAGE)
+            if token_file_exposed(token_file):
+                print(f"warning: {token_file_exposed(token_file)}", file=err or sys.stderr)
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -5142,6 +5157,10 @@ def raise_file_limit(settings):
 
 def serve(settings):
     setup_logging(settings.log_requests)
+    for path in (settings.token_file, getattr(settings, "agent_token_file", "")):
+        warning = path and token_file_exposed(path)
+        if warning:
+            log.warning("%s", warning)
     systemd = Systemd(settings.service, settings.command_timeout)
     releases = Releases(settings.install_dir, settings.state_dir)
     updater = Updater(settings, systemd, releases)

@@ -410,3 +410,35 @@ def test_pack_refuses_an_out_folder_inside_the_build(tmp_path):
     with pytest.raises(bam.ClientError, match="is inside the build") as error:
         bam.pack_release(str(build), "hub", str(build / "nas"), say=lambda line: None)
     assert error.value.code == bam.EXIT_USAGE and not (build / "nas").exists()
+
+
+def test_a_token_file_every_user_can_read_is_warned_about(tmp_path):
+    import subprocess
+    import sys
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    os.chmod(token, 0o644)
+    assert "readable by every user (mode 0644): chmod 600" in bam.token_file_exposed(str(token))
+    run = subprocess.run([sys.executable, bam.__file__, "status", "--host", "127.0.0.1:9",
+                          "--token-file", str(token)], capture_output=True, text=True,
+                         timeout=30)
+    assert "warning: the token file" in run.stderr and run.returncode == 4
+    os.chmod(token, 0o600)
+    assert bam.token_file_exposed(str(token)) is None
+
+
+def test_the_agent_list_is_fixed_when_the_rollout_begins(tmp_path, made):
+    """An agent added to the file while a rollout runs is not in it (the next `target: agents`
+    takes it); one removed is still followed to its end."""
+    first = manager(made, "127.0.3.1", work=1.0)
+    added = manager(made, "127.0.3.2")
+    listed = tmp_path / "agents"
+    listed.write_text("127.0.3.1\n")
+    hub = hub_for(tmp_path, made, agents=f"@{listed}")
+    assert hub.request("POST", "/update", {"version": "2.0.11", "target": "agents"})[0] == 200
+    time.sleep(0.3)
+    listed.write_text("127.0.3.2\n")  # the first removed, another added, mid-rollout
+    record = wait_over(hub.rollout)
+    assert [(e["agent"], e["state"]) for e in record["agents"]] == [
+        ("127.0.3.1:3081", "succeeded")] and record["state"] == "succeeded"
+    assert first.posts == ["2.0.11"] and added.posts == []
