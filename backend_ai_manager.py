@@ -5157,10 +5157,6 @@ def raise_file_limit(settings):
 
 def serve(settings):
     setup_logging(settings.log_requests)
-    for path in (settings.token_file, getattr(settings, "agent_token_file", "")):
-        warning = path and token_file_exposed(path)
-        if warning:
-            log.warning("%s", warning)
     systemd = Systemd(settings.service, settings.command_timeout)
     releases = Releases(settings.install_dir, settings.state_dir)
     updater = Updater(settings, systemd, releases)
@@ -5169,6 +5165,10 @@ def serve(settings):
     os.umask(0o022)
     try:
         lock = lock_state_dir(settings.state_dir)  # noqa: F841 (held until the process ends)
+        for path in (settings.token_file, getattr(settings, "agent_token_file", "")):
+            warning = path and token_file_exposed(path)
+            if warning:  # after the lock: a second serve says one line, the lock's
+                log.warning("%s", warning)
         updater.recover()
     except StateDirLocked as e:
         log.error("%s", e.message)
