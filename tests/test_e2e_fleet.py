@@ -175,19 +175,24 @@ def post_update_counts(agents):
     return counts
 
 
+def wait_mid_update(hub, timeout=60):
+    """The agents the hub is updating, once the canary has succeeded and others are updating."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rollout = hub.api("GET", "/update")[1]["agents"]
+        updating = [e["agent"] for e in rollout["agents"] if e["state"] == "updating"]
+        if rollout["agents"][0]["state"] == "succeeded" and updating:
+            return updating
+        time.sleep(0.02)
+    raise AssertionError("never saw agents mid-update after the canary")
+
+
 def test_a_hub_killed_mid_rollout_goes_on_and_sends_each_agent_one_update(fleet):
     hub, agents, _ = fleet
     agents[0].publish("2.0.13")
     before = post_update_counts(agents)
     assert hub.api("POST", "/update", {"version": "2.0.13", "target": "agents"})[0] == 200
-    deadline, mid_update = time.monotonic() + 60, None
-    while time.monotonic() < deadline and mid_update is None:  # kill it mid-update
-        rollout = hub.api("GET", "/update")[1]["agents"]
-        if rollout["agents"][0]["state"] == "succeeded" and any(
-                e["state"] == "updating" for e in rollout["agents"]):
-            mid_update = [e["agent"] for e in rollout["agents"] if e["state"] == "updating"]
-        time.sleep(0.02)
-    assert mid_update, "never saw agents mid-update after the canary"
+    mid_update = wait_mid_update(hub)  # then kill it
     pid = hub.manager_pid()
     hub.sandbox.systemctl("kill", "-s", "KILL", hub.MANAGER_UNIT)
     record = wait_rollout(hub)
@@ -254,14 +259,7 @@ def test_a_second_hub_serve_mid_rollout_changes_nothing(fleet):
     before = post_update_counts(agents)
     pid = hub.manager_pid()
     assert hub.api("POST", "/update", {"version": "2.0.16", "target": "agents"})[0] == 200
-    deadline, mid_update = time.monotonic() + 60, None
-    while time.monotonic() < deadline and mid_update is None:
-        rollout = hub.api("GET", "/update")[1]["agents"]
-        if rollout["agents"][0]["state"] == "succeeded" and any(
-                e["state"] == "updating" for e in rollout["agents"]):
-            mid_update = [e["agent"] for e in rollout["agents"] if e["state"] == "updating"]
-        time.sleep(0.02)
-    assert mid_update, "never saw agents mid-update after the canary"
+    mid_update = wait_mid_update(hub)
     for env in ({}, {"BACKEND_AI_PORT": str(hub.port + 1)}):
         code, took, stderr = hub.serve_by_hand(**env)
         assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
