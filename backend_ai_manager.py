@@ -3322,7 +3322,7 @@ def merge_spellings(agents, settings):
     its first spelling, its other spellings in `aliases`; `hub` marks an entry that is this
     hub's own manager. A name that does not resolve stays an agent of its own (unreachable
     when it is tried). Names are resolved by the system's resolver, without our deadline."""
-    merged, seen = {}, []
+    merged, seen, host_addresses = {}, [], []
     for agent in agents:
         host, _, port = agent.rpartition(":")
         try:
@@ -3335,13 +3335,15 @@ def merge_spellings(agents, settings):
             merged[first].setdefault("aliases", []).append(agent)
             continue
         seen.append((agent, addresses))
-        merged[agent] = {"hub": True} if any(_is_own(a, settings) for a in addresses) else {}
+        own = any(_is_own(a, settings, host_addresses) for a in addresses)
+        merged[agent] = {"hub": True} if own else {}
     return merged
 
 
-def _is_own(address, settings):
+def _is_own(address, settings, host_addresses):
     """Whether (ip, port) reaches this manager itself: its port, and its bind address (when
-    bound to all addresses: any loopback address or one of the host name's)."""
+    bound to all addresses: any loopback address or one of the host name's, which are
+    resolved once into the list `host_addresses` the caller keeps)."""
     ip, port = address
     if port != settings.port:
         return False
@@ -3350,9 +3352,15 @@ def _is_own(address, settings):
     try:
         if ipaddress.ip_address(ip.partition("%")[0]).is_loopback:
             return True
-        return ip in {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
-    except (ValueError, OSError):
+    except ValueError:
         return False
+    if not host_addresses:
+        try:
+            host_addresses.extend({i[4][0] for i in socket.getaddrinfo(socket.gethostname(),
+                                                                        None)} or {""})
+        except OSError:
+            host_addresses.append("")  # resolved once, even when it fails
+    return ip in host_addresses
 
 
 def agent_record(call):
@@ -4408,8 +4416,9 @@ class Client:
             if problem:
                 raise ClientError(f"--token-file {token_file} is not valid: {problem}",
                                   EXIT_USAGE)
-            if token_file_exposed(token_file):
-                print(f"warning: {token_file_exposed(token_file)}", file=err or sys.stderr)
+            exposed = token_file_exposed(token_file)
+            if exposed:
+                print(f"warning: {exposed}", file=err or sys.stderr)
         self.as_json = as_json
         self.out = out or sys.stdout
         self.err = err or sys.stderr

@@ -442,3 +442,20 @@ def test_the_agent_list_is_fixed_when_the_rollout_begins(tmp_path, made):
     assert [(e["agent"], e["state"]) for e in record["agents"]] == [
         ("127.0.3.1:3081", "succeeded")] and record["state"] == "succeeded"
     assert first.posts == ["2.0.11"] and added.posts == []
+
+
+def test_a_hub_bound_to_all_addresses_knows_itself_and_resolves_its_name_once(monkeypatch):
+    settings = type("S", (), {"port": 3081, "bind": "0.0.0.0"})()
+    real, asked = socket.getaddrinfo, []
+
+    def counting(host, *args, **kwargs):
+        if host == socket.gethostname():
+            asked.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.9.9", 0))]
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    merged = bam.merge_spellings(["10.0.0.1:3081", "10.0.0.2:3081", "10.9.9.9:3081",
+                                  "127.0.0.5:3081", "10.9.9.9:4000"], settings)
+    assert [agent for agent, info in merged.items() if info.get("hub")] == [
+        "10.9.9.9:3081", "127.0.0.5:3081"]
+    assert len(asked) == 1
