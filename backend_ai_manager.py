@@ -20,6 +20,8 @@ top-down, each section using only what the sections above it define:
 """
 
 import argparse
+import collections
+import contextlib
 import errno
 import functools
 import hashlib
@@ -720,10 +722,7 @@ class Settings:
 def _read_token(path, flag):
     if not path:
         return None
-    try:
-        token, problem = read_cached(path, read_token_file)
-    except OSError as e:
-        token, problem = None, f"cannot read it: {e.strerror}"
+    token, problem = read_cached(path, read_token_file)
     if problem:
         raise ConfigError(f"the token file {path} ({flag}) is not valid: {problem}")
     return token
@@ -735,8 +734,12 @@ _file_cache = {}
 def read_cached(path, parse):
     """parse(path), parsed again only when the file's (mtime, inode, size) changed: one stat()
     per use, so a hand edit or a swapped release is seen at once, without reading the file on
-    every request."""
-    st = os.stat(path)
+    every request. A file that cannot be stat()ed is parsed uncached: parse() says what is
+    wrong with it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return parse(path)
     key = (st.st_mtime_ns, st.st_ino, st.st_size, st.st_dev)
     hit = _file_cache.get((path, parse))
     if hit is not None and hit[0] == key:
@@ -835,15 +838,15 @@ class Systemd:
             self._generation += 1
             self._cached = None
 
-    def _check(self, result):
+    def _run(self, argv, timeout=QUERY_TIMEOUT):
+        result = run_command(argv, timeout)
         if not result.ok:
             raise SystemdError(result.message(), timed_out=result.timed_out)
-        return result
+        return result.out
 
     def _show(self):
-        result = self._check(run_command(
-            ["systemctl", "show", self.unit, "-p", ",".join(SHOW_PROPERTIES)], self.QUERY_TIMEOUT))
-        return parse_show(result.out)
+        return parse_show(self._run(["systemctl", "show", self.unit, "-p",
+                                     ",".join(SHOW_PROPERTIES)]))
 
     def show(self, max_age=0.0, wait=True):
         """The unit's properties: a cached result younger than max_age, or the call in flight,
@@ -892,15 +895,13 @@ class Systemd:
                 # case apart (it keeps exit-code from the crash loop), and a retry would start a
                 # failing unit twice and undo a stop that cancelled the start.
                 run_command(["systemctl", "reset-failed", self.unit], self.QUERY_TIMEOUT)
-            self._check(run_command(["systemctl", action, self.unit], self.control_timeout))
+            self._run(["systemctl", action, self.unit], self.control_timeout)
         finally:
             self.invalidate()
 
     def logs(self, lines, output="short-iso"):
-        result = self._check(run_command(
-            ["journalctl", "-u", self.unit, "-n", str(lines), "--no-pager", "-o", output],
-            self.QUERY_TIMEOUT))
-        return result.out
+        return self._run(["journalctl", "-u", self.unit, "-n", str(lines), "--no-pager", "-o",
+                          output])
 
 
 # The hardening that makes systemd mount a fresh /proc for the unit: refused inside a Proxmox
@@ -1427,14 +1428,12 @@ def run_agent_calls(calls, connect_timeout, deadline):
             try:
                 host, _, port = parse_agents(call.agent)[0].rpartition(":")
             except (ValueError, IndexError) as e:  # an entry written into the agents file
-                call.fail(f"not a valid agent: {e}")
-                return
+                return call.fail(f"not a valid agent: {e}")
             try:
                 call.sock, call.address_index = _connect(host.strip("[]"), int(port), 0,
                                                          start=start)
             except (OSError, UnicodeError) as e:
-                call.fail(f"cannot connect: {describe(e)}")
-                return
+                return call.fail(f"cannot connect: {describe(e)}")
             selector.register(call.sock, selectors.EVENT_WRITE, call)
 
         for call in calls:
@@ -1456,8 +1455,7 @@ def run_agent_calls(calls, connect_timeout, deadline):
                         err = call.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if err:
                             selector.unregister(call.sock)
-                            call.sock.close()
-                            call.sock = None
+                            call.close()
                             connect(call, call.address_index + 1)  # the next address
                             if call.sock is None:
                                 call.error = f"connection failed: {os.strerror(err)}"
@@ -1568,7 +1566,24 @@ class Download:
             raise ReleaseError(f"download truncated: got {self.count} of {self.total} bytes")
 
 
-class Gunzip:
+class _Slices:
+    """A file-like reader of the pieces _next() makes (b"" at the end). The reader asks for
+    small pieces: each is handed out in slices, so it is never copied again for each small
+    read."""
+
+    _buf, _pos = b"", 0
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            size = CHUNK
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = self._next(), 0
+        out = self._buf[self._pos:self._pos + size]
+        self._pos += len(out)
+        return out
+
+
+class Gunzip(_Slices):
     """File-like gzip decoder over a read function. zlib checks the gzip trailer (CRC-32 and
     length), so a corrupt archive fails here; max_length keeps memory bounded on a bomb."""
 
@@ -1577,21 +1592,10 @@ class Gunzip:
     def __init__(self, read):
         self._read = read
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._buf = b""
-        self._pos = 0
 
-    def read(self, size=-1):
-        # The reader asks for small pieces: decompress up to CHUNK at once and hand out slices,
-        # so neither the output nor zlib's unconsumed input is copied again for each small read.
-        if size is None or size < 0:
-            size = CHUNK
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = self._fill(), 0
-        out = self._buf[self._pos:self._pos + size]
-        self._pos += len(out)
-        return out
-
-    def _fill(self):
+    def _next(self):
+        # Up to CHUNK decompressed at once, so zlib's unconsumed input is not copied again
+        # for each small read either.
         while not self._z.eof:
             data = self._z.unconsumed_tail or self._read(self.IN_CHUNK)
             try:
@@ -1613,7 +1617,7 @@ class Gunzip:
             raise ReleaseError("release archive has data after the end of the gzip stream")
 
 
-class Prefetch:
+class Prefetch(_Slices):
     """Calls read(CHUNK) on a source in its own thread, up to `depth` chunks ahead, so that the
     download, its SHA-256 and gunzip (which release the GIL) overlap with parsing and writing, as
     `curl | tar xz` overlaps in three processes. An error in the thread is raised by read()."""
@@ -1622,7 +1626,7 @@ class Prefetch:
         self._read = read
         self._queue = queue.Queue(depth)
         self._stop = threading.Event()
-        self._buf, self._pos, self._done = b"", 0, False
+        self._done = False
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
@@ -1644,23 +1648,14 @@ class Prefetch:
             except queue.Full:
                 pass
 
-    def read(self, size=-1):
-        if size is None or size < 0:
-            size = CHUNK
-        if self._pos >= len(self._buf):
-            if self._done:
-                return b""
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if not item:
-                self._done = True
-                return b""
-            self._buf, self._pos = item, 0
-        out = self._buf[self._pos:self._pos + size]
-        self._pos += len(out)
-        return out
+    def _next(self):
+        if self._done:
+            return b""
+        item = self._queue.get()
+        self._done = isinstance(item, BaseException) or not item
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self):
         """Stop the thread (also when the reader gave up early) and wait for it."""
@@ -1814,24 +1809,6 @@ class TarMember:
     def __init__(self, name, linkname, size, mode, kind):
         self.name, self.linkname, self.size, self.mode, self.type = name, linkname, size, mode, kind
 
-    def isdir(self):
-        return self.type == DIRTYPE
-
-    def isreg(self):
-        return self.type in (REGTYPE, AREGTYPE)
-
-    def issym(self):
-        return self.type == SYMTYPE
-
-    def islnk(self):
-        return self.type == LNKTYPE
-
-    def isdev(self):
-        return self.type in (CHRTYPE, BLKTYPE)
-
-    def isfifo(self):
-        return self.type == FIFOTYPE
-
 
 def _tar_number(field):
     """A numeric header field: octal text, or base-256 when the top bit is set (GNU)."""
@@ -1852,7 +1829,7 @@ class TarReader:
     """A lean, strict reader of a tar stream (ustar, pax and GNU long names), in place of
     tarfile's stream mode, which costs three times as much per member and takes any damaged
     or cut-short header for the end of the archive. Yields TarMember objects; the data
-    of the member just yielded is read with extractfile(member).read(n). Pax and long-name
+    of the member just yielded is read with read(n) or read_all(). Pax and long-name
     blocks are bounded (they are read whole)."""
 
     ZERO = bytes(512)
@@ -1877,9 +1854,6 @@ class TarReader:
     def _skip(self, n):
         while n > 0:
             n -= len(self._exact(min(n, CHUNK)))
-
-    def extractfile(self, member):
-        return self
 
     def read(self, size=None):
         """Up to `size` bytes of the current member's data; may return fewer (a short read),
@@ -2026,27 +2000,28 @@ class Extractor:
     def _member(self, archive, member):
         if len(self.names) + len(self.dirs) >= self.max_members:
             raise ReleaseError(f"release has more than {self.max_members} members")
-        if member.isdir() and all(p in ("", ".") for p in member.name.split("/")):
+        kind = member.type
+        if kind == DIRTYPE and all(p in ("", ".") for p in member.name.split("/")):
             return  # './' itself, as `tar -C build .` writes it
         path = member_path(member.name)
         if path in self.names:
             raise ReleaseError(f"archive member {path!r} appears twice")
         self.names.add(path)
         self.top.add(path.split("/")[0])
-        self._check_parents(path, member.isdir())
-        if member.isdir():
+        self._check_parents(path, kind == DIRTYPE)
+        if kind == DIRTYPE:
             self._mkdirs(path)
-        elif member.isreg():  # not CONTTYPE or sparse
+        elif kind in (REGTYPE, AREGTYPE):  # not CONTTYPE or sparse
             self._write(archive, member, path, self._mkdirs(posixpath.dirname(path)))
-        elif member.issym():
+        elif kind == SYMTYPE:
             self._mkdirs(posixpath.dirname(path))
             self.links[path] = member.linkname
-        elif member.islnk():
+        elif kind == LNKTYPE:
             self._mkdirs(posixpath.dirname(path))
             self._hardlink(path, member.linkname)
         else:
-            kind = "device" if member.isdev() else (
-                "FIFO" if member.isfifo() else "special")
+            kind = "device" if kind in (CHRTYPE, BLKTYPE) else (
+                "FIFO" if kind == FIFOTYPE else "special")
             raise ReleaseError(f"archive member {path!r} is a {kind} file; only files, "
                                "directories and links are allowed")
 
@@ -2081,8 +2056,7 @@ class Extractor:
         if self.written > self.max_bytes:
             raise ReleaseError(f"release unpacks to more than {self.max_bytes} bytes")
 
-    def _write(self, archive, member, path, folder):
-        source = archive.extractfile(member)
+    def _write(self, source, member, path, folder):
         mode = 0o755 if member.mode & 0o111 else 0o644
         target = os.path.join(self.dest, path)
         if member.size > self.max_file:
@@ -2263,11 +2237,9 @@ def _ustar_block(name, kind, size, mode, linkname):
 def tar_header(name, kind, size=0, mode=0o644, linkname=""):
     """The header block(s) of one member: ustar, with a pax header first when the name or link
     does not fit ustar's fields (over 100 bytes, or not ASCII)."""
-    pax = {}
-    if len(name.encode("utf-8", "surrogateescape")) > 100 or not name.isascii():
-        pax["path"] = name
-    if len(linkname.encode("utf-8", "surrogateescape")) > 100 or not linkname.isascii():
-        pax["linkpath"] = linkname
+    # (an ASCII text's length is its length in bytes; any other text gets a pax record)
+    pax = {key: text for key, text in (("path", name), ("linkpath", linkname))
+           if len(text) > 100 or not text.isascii()}
     if size >= 8 ** 11:
         pax["size"] = str(size)
     head = b""
@@ -2338,8 +2310,8 @@ def pack_release(build, kind, out, say=print):
         with open(temp, "wb") as f:
             gzip = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: no name, mtime 0
 
-            def put(data):
-                packed = gzip.compress(data)
+            def put(data, last=False):
+                packed = gzip.compress(data) + (gzip.flush() if last else b"")
                 digest.update(packed)
                 f.write(packed)
 
@@ -2363,10 +2335,7 @@ def pack_release(build, kind, out, say=print):
                     put(tar_header(name, DIRTYPE, mode=0o755))
                 else:
                     put(tar_header(name, SYMTYPE, mode=0o777, linkname=link))
-            put(bytes(1024))  # the end marker
-            tail = gzip.flush()
-            digest.update(tail)
-            f.write(tail)
+            put(bytes(1024), last=True)  # the end marker, and the end of the gzip stream
             f.flush()
             os.fsync(f.fileno())
         say(f"packed {files} files, {len(entries) - files} folders and links of "
@@ -2382,8 +2351,7 @@ def pack_release(build, kind, out, say=print):
         _write_file(f"{target}.sha256",
                     f"{digest.hexdigest()}  {os.path.basename(target)}\n".encode())
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        _remove(temp)
         if made and not os.listdir(folder):
             os.rmdir(folder)  # a failed pack leaves nothing behind
     return target, digest.hexdigest()
@@ -2402,22 +2370,15 @@ class _FileBody:
 def pack_limits(entries, tarball_size):
     """What a manager with the default limits would refuse in this release (a manager given
     larger --max-* settings takes it)."""
-    default = {o.name: int(o.default) for o in OPTIONS if o.name.startswith("max_") and
-               o.name != "max_connections"}
+    option = {o.name: o for o in OPTIONS}
     sizes = [st.st_size for _name, kind, _path, st, _link in entries if kind == REGTYPE]
-    found = []
-    if len(entries) > default["max_members"]:
-        found.append(f"{len(entries)} members: over --max-members {default['max_members']}")
-    if sizes and max(sizes) > default["max_file_mb"] << 20:
-        found.append(f"a file of {max(sizes) >> 20} MB: over --max-file-mb "
-                     f"{default['max_file_mb']}")
-    if sum(sizes) > default["max_unpacked_mb"] << 20:
-        found.append(f"{sum(sizes) >> 20} MB unpacked: over --max-unpacked-mb "
-                     f"{default['max_unpacked_mb']}")
-    if tarball_size > default["max_download_mb"] << 20:
-        found.append(f"a tarball of {tarball_size >> 20} MB: over --max-download-mb "
-                     f"{default['max_download_mb']}")
-    return [f"{text}; managers with the default limits refuse this release" for text in found]
+    found = ((option["max_members"], len(entries), 0, "{} members"),
+             (option["max_file_mb"], max(sizes, default=0), 20, "a file of {} MB"),
+             (option["max_unpacked_mb"], sum(sizes), 20, "{} MB unpacked"),
+             (option["max_download_mb"], tarball_size, 20, "a tarball of {} MB"))
+    return [f"{what.format(value >> shift)}: over {o.flag} {o.default}; managers with the "
+            "default limits refuse this release"
+            for o, value, shift, what in found if value > int(o.default) << shift]
 
 
 def check_pack(tarball, build, entries, version):
@@ -2476,10 +2437,7 @@ def installed_version(settings):
     """(version, name) of the install dir's package.json; raises ManagerError if unreadable."""
     path = os.path.join(settings.install_dir, "package.json")
     try:
-        try:
-            return read_cached(path, read_package_json)
-        except OSError:
-            return read_package_json(path)  # raises, saying what is wrong
+        return read_cached(path, read_package_json)
     except ReleaseError as e:
         raise ManagerError(f"cannot read the installed version: {e}") from None
 
@@ -2537,36 +2495,30 @@ class Flusher:
                 self.error = e  # for finish() to raise
                 return
 
-    def stop(self):
-        """No more background flushes (the one in progress finishes)."""
+    def stop(self, wait=False):
+        """No more background flushes (the one in progress finishes; with `wait`, first)."""
         self._stop.set()
-
-    def finish(self):
-        """The last flush; raise the first write error seen since the start."""
-        self.stop()
-        if self._thread:
+        if wait and self._thread:
             self._thread.join()
+
+    def finish(self, what=None):
+        """The last flush; raise the first write error seen since the start (with `what`, as
+        the ReleaseError "cannot write <what> to disk: <strerror>")."""
+        self.stop(wait=True)
         try:
             self._flush()
         except OSError as e:
             self.error = self.error or e
+        if self.error and what:
+            raise ReleaseError(f"cannot write {what} to disk: {self.error.strerror}")
         if self.error:
             raise self.error
 
     def close(self):
-        self.stop()
-        if self._thread:
-            self._thread.join()
+        self.stop(wait=True)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _readable_by_all(path):
-    """Add read and search for everyone to folder `path` (never removes a bit)."""
-    mode = stat.S_IMODE(os.lstat(path).st_mode)
-    if mode & 0o555 != 0o555:
-        os.chmod(path, mode | 0o555)
 
 
 def _release_modes(tree):
@@ -2614,7 +2566,9 @@ class Releases:
         for path in (self.install_dir, self.state_dir, self.releases_dir, self.staging_dir):
             os.makedirs(path, 0o755, exist_ok=True)
         for path in [self.state_dir, self.releases_dir] + [self.path(i) for i in self.ids()]:
-            _readable_by_all(path)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o555 != 0o555:  # add read and search for everyone, never remove a bit
+                os.chmod(path, mode | 0o555)
 
     # --- reading the layout
     def ids(self):
@@ -2634,8 +2588,7 @@ class Releases:
     def previous_id(self):
         """The newest kept release older than the current one, or None."""
         current = self.current_id()
-        older = [i for i in self.ids() if current is None or i < current]
-        return older[-1] if older else None
+        return max((i for i in self.ids() if current is None or i < current), default=None)
 
     @staticmethod
     def version_of(release_id):
@@ -2644,10 +2597,6 @@ class Releases:
 
     def path(self, release_id):
         return os.path.join(self.releases_dir, release_id)
-
-    def new_id(self, version):
-        existing = [int(RELEASE_RE.match(i).group(1)) for i in self.ids()]
-        return f"{max(existing, default=0) + 1:06d}-{version}"
 
     def _link_target(self, entry):
         return os.path.join(self.current_link, entry)
@@ -2664,7 +2613,8 @@ class Releases:
 
     def add(self, tree, version):
         """Move a complete, synced release tree into releases/; return its id."""
-        release_id = self.new_id(version)
+        last = max((int(RELEASE_RE.match(i).group(1)) for i in self.ids()), default=0)
+        release_id = f"{last + 1:06d}-{version}"
         os.rename(tree, self.path(release_id))
         _fsync_dir(self.releases_dir)
         return release_id
@@ -2724,32 +2674,24 @@ class Releases:
         tree = self.new_staging("snapshot")
         flusher = Flusher(tree)
         try:
-            self._copy_live(entries, tree)
+            for entry in entries:  # each live entry (links kept as links) into tree/
+                live = os.path.join(self.install_dir, entry)
+                if not os.path.exists(live):
+                    continue
+                if os.path.isdir(live):
+                    shutil.copytree(live, os.path.join(tree, entry), symlinks=True)
+                else:
+                    shutil.copy2(live, os.path.join(tree, entry))
             _release_modes(tree)
-            try:
-                flusher.finish()
-            except OSError as e:
-                raise ReleaseError(f"cannot write the live install's copy to disk: "
-                                   f"{e.strerror}") from None
+            flusher.finish("the live install's copy")
         finally:
             flusher.close()
         try:
             version, _name = read_package_json(os.path.join(tree, "package.json"))
             version = parse_version(version)
-        except ReleaseError:
+        except (ReleaseError, InvalidInput):  # a live install of any version is kept
             version = "unknown"
         return self.add(tree, version)
-
-    def _copy_live(self, entries, tree):
-        """Copy each live entry of the install dir (links kept as links) into tree/."""
-        for entry in entries:
-            live = os.path.join(self.install_dir, entry)
-            if not os.path.exists(live):
-                continue
-            if os.path.isdir(live):
-                shutil.copytree(live, os.path.join(tree, entry), symlinks=True)
-            else:
-                shutil.copy2(live, os.path.join(tree, entry))
 
     def link_entries(self, entries):
         """Make INSTALL/<entry> our link for each entry. A real entry is exchanged for its link
@@ -2837,8 +2779,9 @@ class JobRecord:
 
     LOG_LIMIT = 100
 
-    def __init__(self, path, working_states):
-        self.path = path
+    def __init__(self, state_dir, kind, working_states):
+        self.path = os.path.join(state_dir, f"{kind}.json")
+        self.kind = kind  # "update" or "rollout": the record's name in messages
         self.working_states = working_states
         self.lock = threading.Lock()
         self.fields = {"action": None, "state": IDLE, "version": None, "error": None, "log": []}
@@ -2869,7 +2812,7 @@ class JobRecord:
 
     def begin(self, fields):
         """Start a new job with these fields (state included), unless one is working (Busy).
-        Raises OSError, keeping the old record, if it cannot be saved."""
+        Raises ManagerError, keeping the old record, if it cannot be saved."""
         with self.lock:
             if self.working():
                 raise Busy(f"an {self.fields.get('action')} to version "
@@ -2880,9 +2823,10 @@ class JobRecord:
             self._started = time.monotonic()
             try:
                 self._save()
-            except OSError:
+            except OSError as e:
                 self.fields = previous
-                raise
+                raise ManagerError(f"cannot write the {self.kind} record {self.path}: "
+                                   f"{e.strerror}") from None
 
     def set(self, state=None, message=None, level=logging.INFO, durable=False, recount=None,
             **fields):
@@ -2895,10 +2839,8 @@ class JobRecord:
                 self.fields["state"] = state
             self.fields.update(fields)
             if recount:
-                counts = {}
-                for entry in self.fields.get(recount) or ():
-                    counts[entry["state"]] = counts.get(entry["state"], 0) + 1
-                self.fields["counts"] = counts
+                self.fields["counts"] = dict(collections.Counter(
+                    entry["state"] for entry in self.fields.get(recount) or ()))
             if message:
                 self.fields["step"] = message
                 self.fields["log"] = (self.fields.get("log") or [])[-(self.LOG_LIMIT - 1):] + [
@@ -2961,7 +2903,7 @@ class Updater:
         self.settings = settings
         self.systemd = systemd
         self.releases = releases
-        self.job = JobRecord(os.path.join(settings.state_dir, "update.json"), WORKING_STATES)
+        self.job = JobRecord(settings.state_dir, "update", WORKING_STATES)
 
     def view(self, summary=False, wait=True):
         return self.job.view(SUMMARY_FIELDS if summary else None, wait)
@@ -2983,15 +2925,11 @@ class Updater:
 
     def _start(self, action, version, target, then=None, rollout=None):
         from_version = installed_version_or_none(self.settings)
-        try:
-            self.job.begin({
-                "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
-                "version": version, "from_version": from_version, "bytes": 0, "total": None,
-                "files": 0, "target": target, "fallback": self.releases.current_id(),
-                "rollout": rollout})
-        except OSError as e:
-            raise ManagerError(f"cannot write the update record {self.job.path}: "
-                               f"{e.strerror}") from None
+        self.job.begin({
+            "action": action, "state": DOWNLOADING if action == "update" else SWAPPING,
+            "version": version, "from_version": from_version, "bytes": 0, "total": None,
+            "files": 0, "target": target, "fallback": self.releases.current_id(),
+            "rollout": rollout})
         threading.Thread(target=self._run, args=(then,), name=action, daemon=True).start()
         return self.view(summary=True)
 
@@ -3053,10 +2991,8 @@ class Updater:
             tree = os.path.join(staging, "tree", root)
             digest = download.sha256.hexdigest()
             verify_release(tree, version, digest, expected)
-            try:  # one sync for the whole tree is far cheaper than a fsync per file
-                flusher.finish()
-            except OSError as e:
-                raise ReleaseError(f"cannot write the release to disk: {e.strerror}") from None
+            # one sync for the whole tree is far cheaper than a fsync per file
+            flusher.finish("the release")
             self.job.set(message=f"verified; {files} files on disk", sha256=digest)
             return tree
         finally:
@@ -3273,10 +3209,7 @@ def agents_overview(settings, hub_version):
     calls = [AgentCall(agent, "GET", "/status", token=token) for agent in settings.agent_list()]
     run_agent_calls(calls, AGENT_CONNECT_TIMEOUT, AGENT_STATUS_DEADLINE)
     agents = [agent_status(call) for call in calls]
-    versions = {}
-    for entry in agents:
-        if entry["version"]:
-            versions[entry["version"]] = versions.get(entry["version"], 0) + 1
+    versions = dict(collections.Counter(e["version"] for e in agents if e["version"]))
     return {"agents": agents, "summary": {
         "total": len(agents), "reachable": sum(e["reachable"] for e in agents),
         "running": sum(e["running"] is True for e in agents), "versions": versions,
@@ -3398,7 +3331,7 @@ class Rollout:
 
     def __init__(self, settings):
         self.settings = settings
-        self.job = JobRecord(os.path.join(settings.state_dir, "rollout.json"), ROLLOUT_WORKING)
+        self.job = JobRecord(settings.state_dir, "rollout", ROLLOUT_WORKING)
         self.halt_requested = threading.Event()
 
     def running(self):
@@ -3415,22 +3348,15 @@ class Rollout:
         if not agents:
             raise InvalidInput("no agents are configured (--agents)")
         merged = merge_spellings(agents, self.settings)
-        entries = []
-        for number, batch in enumerate(plan_batches(list(merged), self.settings.rollout_batches),
-                                       1):
-            for agent in batch:
-                entries.append({"agent": agent, "batch": number, "state": WAITING,
-                                "from_version": None, "version": version, "step": None,
-                                "error": None, "started_at": None, "finished_at": None})
-                entries[-1].update(merged[agent])  # aliases, hub
+        batches = plan_batches(list(merged), self.settings.rollout_batches)
+        entries = [{"agent": agent, "batch": number, "state": WAITING, "from_version": None,
+                    "version": version, "step": None, "error": None, "started_at": None,
+                    "finished_at": None, **merged[agent]}  # merged: aliases, hub
+                   for number, batch in enumerate(batches, 1) for agent in batch]
         self.halt_requested.clear()
-        try:
-            self.job.begin({"action": "rollout", "state": PENDING, "version": version,
-                            "id": os.urandom(8).hex(), "after_hub": after_hub, "halt": False,
-                            "agents": entries, "counts": {}})
-        except OSError as e:
-            raise ManagerError(f"cannot write the rollout record {self.job.path}: "
-                               f"{e.strerror}") from None
+        self.job.begin({"action": "rollout", "state": PENDING, "version": version,
+                        "id": os.urandom(8).hex(), "after_hub": after_hub, "halt": False,
+                        "agents": entries, "counts": {}})
 
     def start(self):
         threading.Thread(target=self.run, name="rollout", daemon=True).start()
@@ -3524,10 +3450,9 @@ class Rollout:
                 self._roll(entry)
             except Exception as e:  # one agent's surprise must not stop the bookkeeping
                 log.exception("rollout to %s failed unexpectedly", entry["agent"])
-                if resumed or entry.get("sent"):
-                    self._mark(entry, LOST, f"internal error: {e}")
-                else:
-                    self._mark(entry, UNREACHABLE, f"internal error: {e}; nothing was sent")
+                sent = resumed or entry.get("sent")  # else: unreachable, nothing was sent
+                self._mark(entry, LOST if sent else UNREACHABLE,
+                           f"internal error: {e}" + ("" if sent else "; nothing was sent"))
 
     def _mark(self, entry, state, error=None, durable=False, **fields):
         if state not in (WAITING, UPDATING):
@@ -3638,16 +3563,13 @@ class Rollout:
 
 def error_answer(error):
     """(status, payload, headers) of the one JSON error shape, for any exception."""
+    status, headers = 500, {}
     if isinstance(error, HttpError):
         status, headers = error.status, error.headers
-    elif isinstance(error, InvalidInput):
-        status, headers = 400, {}
-    elif isinstance(error, Busy):
-        status, headers = 409, {}
-    elif isinstance(error, SystemdError):
-        status, headers = (504 if error.timed_out else 500), {}
-    else:
-        status, headers = 500, {}
+    elif isinstance(error, (InvalidInput, Busy)):
+        status = 400 if isinstance(error, InvalidInput) else 409
+    elif isinstance(error, SystemdError) and error.timed_out:
+        status = 504
     message = error.message if isinstance(error, ManagerError) else f"internal error: {error}"
     return status, {"success": False, "error": message}, headers
 
@@ -3658,14 +3580,11 @@ def own_host_names(hosts_file="/etc/hosts"):
     files only: no DNS query at start (socket.getfqdn() can hang where DNS is broken)."""
     hostname = socket.gethostname().lower().rstrip(".")
     names = {"localhost", hostname, hostname.split(".")[0]}
-    try:
-        with open(hosts_file, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                words = [w.lower().rstrip(".") for w in line.split("#", 1)[0].split()[1:]]
-                if hostname in words or hostname.split(".")[0] in words:
-                    names.update(words)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(hosts_file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            words = [w.lower().rstrip(".") for w in line.split("#", 1)[0].split()[1:]]
+            if hostname in words or hostname.split(".")[0] in words:
+                names.update(words)
     return frozenset(n for n in names if n)
 
 
@@ -3683,11 +3602,9 @@ def host_name_problem(host, own, allowed):
             name = host
     elif name.count(":") == 1:  # name:port, IPv4:port; more colons: a bare IPv6 literal
         name = name.partition(":")[0]
-    try:
+    with contextlib.suppress(ValueError):
         ipaddress.ip_address(name)
         return None
-    except ValueError:
-        pass
     name = name.rstrip(".")
     if name in own or name in allowed or any(
             a.startswith(".") and name.endswith(a) for a in allowed):
@@ -3736,9 +3653,8 @@ class Api:
         self._agents_flight = SingleFlight()
         self.routes = {
             ("GET", "/status"): self.status,
-            ("POST", "/start"): lambda r: self.control("start"),
-            ("POST", "/stop"): lambda r: self.control("stop"),
-            ("POST", "/restart"): lambda r: self.control("restart"),
+            **{("POST", f"/{action}"): lambda r, action=action: self.control(action)
+               for action in ("start", "stop", "restart")},
             ("POST", "/update"): self.update,
             ("GET", "/update"): self.update_progress,
             ("POST", "/rollback"): self.rollback,
@@ -3914,10 +3830,8 @@ class Api:
     def agents(self, request):
         """Every agent's status; one fan-out at a time, whose answer every request that came
         meanwhile shares (so this endpoint cannot multiply traffic to the agents)."""
-        return 200, self._agents_flight.run(self._agents_overview)
-
-    def _agents_overview(self):
-        return agents_overview(self.settings, installed_version_or_none(self.settings))
+        return 200, self._agents_flight.run(
+            lambda: agents_overview(self.settings, installed_version_or_none(self.settings)))
 
     def version(self, request):
         version, name = installed_version(self.settings)
@@ -4070,11 +3984,7 @@ class Server:
                     elif key.data == "linger":
                         self._linger(key.fileobj)
                     else:
-                        try:
-                            self._read(key.data)
-                        except Exception:  # one connection's trouble must not end the loop
-                            log.exception("request from %s failed", key.data.address[0])
-                            self._close(key.data)
+                        self._guarded(self._read, key.data)
                 self._take_back()
                 self._expire()
         finally:
@@ -4116,11 +4026,7 @@ class Server:
             conn = _Connection(sock, address, time.monotonic() + self.settings.request_timeout)
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
-            try:
-                self._read(conn)  # the request often came with the connection: no second turn
-            except Exception:
-                log.exception("request from %s failed", address[0])
-                self._close(conn)
+            self._guarded(self._read, conn)  # the request often came with the connection
 
     def _reap(self):
         """Close the idle connections whose clients have already closed theirs (their end of
@@ -4225,9 +4131,20 @@ class Server:
             if request.close:
                 self._close(conn)
                 return
-            conn.idle = not conn.buf
-            conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
-                                                else self.settings.request_timeout)
+            self._rearm(conn)
+
+    def _rearm(self, conn):
+        """After an answer: an idle connection may wait KEEPALIVE for its next request."""
+        conn.idle = not conn.buf
+        conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
+                                            else self.settings.request_timeout)
+
+    def _guarded(self, step, conn):
+        try:
+            step(conn)
+        except Exception:  # one connection's trouble must not end the loop
+            log.exception("request from %s failed", conn.address[0])
+            self._close(conn)
 
     def _take_back(self):
         while True:
@@ -4243,16 +4160,10 @@ class Server:
                 self._drain_then_close(conn.sock)
                 continue
             conn.sock.setblocking(False)
-            conn.idle = not conn.buf
-            conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
-                                                else self.settings.request_timeout)
+            self._rearm(conn)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             if conn.buf:
-                try:
-                    self._hand_over(conn)  # a pipelined request already arrived
-                except Exception:
-                    log.exception("request from %s failed", conn.address[0])
-                    self._close(conn)
+                self._guarded(self._hand_over, conn)  # a pipelined request already arrived
 
     def _expire(self):
         now = time.monotonic()
@@ -4279,6 +4190,12 @@ class Server:
             while self.wake_r.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
+            pass
+
+    def _wake(self):
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
             pass
 
     # --- the workers
@@ -4314,10 +4231,7 @@ class Server:
             if (keep or linger) and not self.stopping.is_set():
                 conn.linger = linger
                 self.returned.put(conn)
-                try:
-                    self.wake_w.send(b"x")
-                except OSError:
-                    pass
+                self._wake()
             else:
                 conn.sock.close()
                 self.connections.discard(conn)
@@ -4340,10 +4254,7 @@ class Server:
         """Stop reading new requests, let the requests already read finish (up to `grace`
         seconds), then stop the workers."""
         self.stopping.set()
-        try:
-            self.wake_w.send(b"x")
-        except OSError:
-            pass
+        self._wake()
         self.stopped.wait(5)
         deadline = time.monotonic() + grace
         while self.jobs.unfinished_tasks and time.monotonic() < deadline:
@@ -4480,11 +4391,7 @@ class Client:
     # --- the commands
     def status(self, args):
         answer = self.call("GET", "/status")
-        if self.as_json:
-            self.dump(answer)
-        else:
-            for line in describe_status(answer):
-                self.say(line)
+        self.dump(answer) if self.as_json else self.say("\n".join(describe_status(answer)))
         return EXIT_OK if answer.get("running") is True else EXIT_NOT_RUNNING
 
     def version(self, args):
@@ -4511,9 +4418,7 @@ class Client:
             return EXIT_OK
         done = "done" if answer.get("changed", True) else "nothing to do"
         self.say(f"{answer.get('service')}: {args.command} {done}")
-        status = self.call("GET", "/status")
-        for line in describe_status(status):
-            self.say(line)
+        self.say("\n".join(describe_status(self.call("GET", "/status"))))
         return EXIT_OK
 
     def agents(self, args):
@@ -4546,17 +4451,14 @@ class Client:
         return EXIT_OK
 
     def update(self, args):
-        body = {"version": args.version}
-        if args.target:
-            body["target"] = args.target
-        return self._job("POST", "/update", body, args.no_wait, rollout_only=args.target ==
-                         "agents")
+        body = {"version": args.version, **({"target": args.target} if args.target else {})}
+        return self._job("/update", body, args.no_wait, rollout_only=args.target == "agents")
 
     def rollback(self, args):
-        return self._job("POST", "/rollback", None, args.no_wait)
+        return self._job("/rollback", None, args.no_wait)
 
-    def _job(self, method, path, body, no_wait, rollout_only=False):
-        answer = self.call(method, path, body)
+    def _job(self, path, body, no_wait, rollout_only=False):
+        answer = self.call("POST", path, body)
         if no_wait:
             self.dump(answer) if self.as_json else self.say(answer.get("message", "started"))
             return EXIT_OK
@@ -4643,17 +4545,14 @@ class Client:
             rollout = self._poll().get("agents") or {}
             if not self.as_json:
                 for entry in rollout.get("agents") or []:
-                    state = entry.get("state")
-                    if state == UPDATING and entry.get("agent") not in outcomes:
-                        outcomes[entry.get("agent")] = state
-                        self.stamp(f"agent {entry.get('agent')} (batch {entry.get('batch')}): "
-                                   "updating")
-                    if state in AGENT_OUTCOMES and outcomes.get(entry.get("agent")) != state:
-                        outcomes[entry.get("agent")] = state
-                        change = f"{entry.get('from_version') or '?'} -> {entry.get('version')}"
-                        self.stamp(f"agent {entry.get('agent')} (batch {entry.get('batch')}): "
-                                   f"{state}, {change}" + (f": {entry['error']}"
-                                                            if entry.get("error") else ""))
+                    agent, state = entry.get("agent"), entry.get("state")
+                    if state == UPDATING and agent not in outcomes or \
+                            state in AGENT_OUTCOMES and outcomes.get(agent) != state:
+                        outcomes[agent] = state
+                        change = "" if state == UPDATING else (
+                            f", {entry.get('from_version') or '?'} -> {entry.get('version')}"
+                            + (f": {entry['error']}" if entry.get("error") else ""))
+                        self.stamp(f"agent {agent} (batch {entry.get('batch')}): {state}{change}")
                 new_step = rollout.get("step")
                 if new_step and new_step != step and rollout.get("state") not in ROLLOUT_FINAL:
                     step = new_step
@@ -4708,10 +4607,8 @@ def run_client(args):
             print(f"backend_ai_manager.py pack: error: {e.filename or ''}: {e.strerror}",
                   file=sys.stderr)
             return EXIT_FAILED
-        if args.json:
-            print(json.dumps({"tarball": path, "sha256": digest}))
-        else:
-            print(f"{path}\n{path}.sha256: {digest}")
+        print(json.dumps({"tarball": path, "sha256": digest}) if args.json
+              else f"{path}\n{path}.sha256: {digest}")
         return EXIT_OK
     try:
         client = Client(args.host, args.token_file, args.json)
@@ -4756,13 +4653,10 @@ def build_parser():
     remover.add_argument("--role", choices=list(ROLES), required=True)
     for option in OPTIONS:
         text = ("hub only: " if option.hub_only else "") + f"{option.help} (${option.env})"
+        kind = {"action": "store_const", "const": True} if option.parse is _bool else {
+            "choices": list(ROLES) if option.name == "role" else None}
         for command in (daemon, checker, installer):
-            if option.parse is _bool:
-                command.add_argument(option.flag, dest=option.name, action="store_const",
-                                     const=True, default=None, help=text)
-            else:
-                command.add_argument(option.flag, dest=option.name, default=None, help=text,
-                                     choices=list(ROLES) if option.name == "role" else None)
+            command.add_argument(option.flag, dest=option.name, default=None, help=text, **kind)
     common = _Parser(add_help=False)
     common.add_argument("--host", default=os.environ.get("BACKEND_AI_HOST", "127.0.0.1:3081"),
                         help="the manager, HOST[:PORT] ($BACKEND_AI_HOST; default "
@@ -4849,12 +4743,7 @@ RestartSec=2
 # need writable+executable memory), ProtectProc= (systemd 247+; the manager only reads its own).
 # ProtectKernelTunables= and ProtectControlGroups= are in the drop-in hardening.conf.
 NoNewPrivileges=yes
-ProtectSystem=full
-ProtectHome=read-only
-PrivateTmp=yes
-PrivateDevices=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
+{mount}
 ProtectClock=yes
 ProtectHostname=yes
 RestrictNamespaces=yes
@@ -4891,7 +4780,7 @@ def unit_files(role):
     unit = UNIT_TEMPLATE.format(
         kind=role, s="" if hub else "s", title="Hub" if hub else "Agent",
         bind=next(o for o in OPTIONS if o.name == "bind").default[role],
-        lan="" if hub else " (the LAN)")
+        lan="" if hub else " (the LAN)", mount="\n".join(MOUNT_HARDENING))
     name = f"ai-{role}-manager.service"
     return {os.path.join(UNIT_DIR, name): unit,
             os.path.join(UNIT_DIR, f"{name}.d", "hardening.conf"):
@@ -4983,9 +4872,8 @@ def install(flags, dry_run=False, out=None):
     if job:
         raise ManagerError(f"{unit} is running a job ({job}); install would restart it: run "
                            "install again when it is over")
-    for path, (data, mode) in plan.items():
-        if path not in changed:
-            continue
+    for path in changed:
+        data, mode = plan[path]
         what = "remove" if data is None else "write"
         out.write(f"{'would ' if dry_run else ''}{what} {path}\n")
         if dry_run and data is not None and not path.endswith(".py"):
@@ -4994,10 +4882,8 @@ def install(flags, dry_run=False, out=None):
             continue
         if data is None:
             _remove(path)
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(path))  # the drop-in folder, if now empty
-            except OSError:
-                pass
         else:
             _write_file(path, data, mode)
     if dry_run:
@@ -5069,10 +4955,8 @@ def uninstall(role, out=None):
             _remove(path)
             out.write(f"removed {path}\n")
         for folder in (os.path.join(UNIT_DIR, f"{unit}.d"), INSTALL_LIB):
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(folder)
-            except OSError:
-                pass
         _systemctl("daemon-reload")
         run_command(["systemctl", "reset-failed", unit], 30)
     else:
@@ -5258,9 +5142,7 @@ LAUNCH = ("import os, sys, importlib.util as u; sys.path[0] = os.path.dirname(sy
           "sys.exit(m.main(sys.argv[2:]))")
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        try:
+        with contextlib.suppress(OSError):  # if it fails: run here, with the tree kept
             os.execv(sys.executable, [sys.executable, "-c", LAUNCH, os.path.abspath(__file__)] +
                      sys.argv[1:])
-        except OSError:
-            pass  # run here, with the tree kept
     sys.exit(main())

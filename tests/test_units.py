@@ -533,6 +533,20 @@ def test_link_entries_exchanges_real_entries_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(install)) == ["dist"]
 
 
+@pytest.mark.parametrize("version, kept_as", [("1.4.2", "1.4.2"), ("../../x", "unknown"),
+                                               (7, "unknown")])
+def test_keep_live_install_keeps_a_live_install_of_any_version(tmp_path, version, kept_as):
+    install, state = tmp_path / "install", tmp_path / "state"
+    releases = bam.Releases(str(install), str(state))
+    releases.prepare()
+    (install / "dist").mkdir()
+    (install / "dist" / "a.js").write_text("live")
+    (install / "package.json").write_text(json.dumps({"version": version}))
+    rid = releases.keep_live_install(["dist", "package.json"])
+    assert releases.version_of(rid) == kept_as
+    assert (tmp_path / "state" / "releases" / rid / "dist" / "a.js").read_text() == "live"
+
+
 # --- shared systemctl show ----------------------------------------------------------------------
 
 class CountingSystemd(bam.Systemd):
