@@ -11,10 +11,11 @@ top-down, each section using only what the sections above it define:
     wire       HTTP/1.1 both ways: the head parser and framing, the one client, agent fan-out
     archive    the strict tar reader and extractor (download, gunzip, unpack), the tar writer
     releases   the on-disk layout: kept releases, the `current` switch, the install's links
-    update     the update and rollback job, its record, its recovery after a crash
+    update     the update and rollback job, its record, its recovery after a crash; the
+               manager's own update from a release (self-test, store, hand-over, trial)
     fleet      the hub's view of its agents, and the rollout of a release to them
     server     the endpoints, the checks every request passes, the server loop, the watchdog
-    cli        the operator's client, install/uninstall, check, serve, main
+    cli        the operator's client, install/uninstall, check, self-test, serve, main
 
     python3 backend_ai_manager.py serve --role hub
 """
@@ -387,6 +388,10 @@ def _seconds(hi, lo=0.1):
     return parse
 
 
+def _on_off(text):  # a _bool given as --flag VALUE, not as a bare --flag
+    return _bool(text)
+
+
 def _bool(text):
     lowered = text.strip().lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -674,6 +679,10 @@ OPTIONS = [
     Option("max_file_mb", _int_in(1, 1 << 22), "2048",
            "largest single file of a release accepted"),
     Option("max_members", _int_in(1, 10_000_000), "200000", "most files a release may hold"),
+    Option("manager_updates", _on_off, "on",
+           "update this manager from a release that carries a newer one (off: never)"),
+    Option("manager_trial", _seconds(86400, lo=1), "30",
+           "seconds a new manager is on trial: if it dies in them, the last good one returns"),
     Option("agents", _agents, "", "host[:port],... or @FILE (one a line), the agents' managers",
            hub_only=True),
     Option("agent_token_file", _token_file, "", "the bearer token sent to agents",
@@ -2280,11 +2289,41 @@ def walk_build(build):
     return entries
 
 
-def pack_release(build, kind, out, say=print):
+MANAGER_IN_RELEASE = "dist/manager/backend_ai_manager.py"  # where a release carries its manager
+
+
+def manager_version(data):
+    """The __version__ a manager file's text declares (read, never run), or None."""
+    match = re.search(rb'^__version__ = "([0-9A-Za-z.+_-]{1,64})"$', data[:1 << 16], re.M)
+    return match.group(1).decode() if match else None
+
+
+def version_key(version):
+    """Dotted numbers compared as numbers: 0.10.0 is newer than 0.9.1 (1.2.3-rc1 counts as
+    1.2.3)."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("."))
+
+
+def with_manager(entries, manager):
+    """`entries` with the file `manager` as MANAGER_IN_RELEASE (and its folders), in order."""
+    entries = [e for e in entries if e[0] != MANAGER_IN_RELEASE]
+    names = {e[0] for e in entries}
+    if "dist/manager" in names:
+        raise ClientError("the build's dist/manager is not a folder: the manager cannot ride "
+                          "along (pack --no-manager leaves it out)")
+    for folder in ("dist/", "dist/manager/"):
+        if folder not in names:
+            entries.append((folder, DIRTYPE, None, None, ""))
+    entries.append((MANAGER_IN_RELEASE, REGTYPE, manager, os.stat(manager), ""))
+    return sorted(entries, key=lambda e: e[0].rstrip("/").split("/"))
+
+
+def pack_release(build, kind, out, say=print, manager=None):
     """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
     package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
-    so the same build gives the same bytes. Checks the tarball with the manager's own
-    extractor before it replaces anything; returns the tarball's path and SHA-256."""
+    so the same build gives the same bytes. `manager`: a manager file that rides along as
+    MANAGER_IN_RELEASE. Checks the tarball with the manager's own extractor before it replaces
+    anything; returns the tarball's path and SHA-256."""
     build = os.path.abspath(build)
     try:
         version, package_name = read_package_json(os.path.join(build, "package.json"))
@@ -2301,6 +2340,11 @@ def pack_release(build, kind, out, say=print):
     folder = os.path.join(os.path.abspath(out), version)
     target = os.path.join(folder, f"{kind}-{version}.tar.gz")
     entries = walk_build(build)
+    if manager:
+        entries = with_manager(entries, manager)
+        with open(manager, "rb") as f:
+            say(f"with manager {manager_version(f.read()) or '(no version)'} as "
+                f"{MANAGER_IN_RELEASE}")
     made = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     temp = f"{target}.tmp-{os.getpid()}"
@@ -2904,6 +2948,7 @@ class Updater:
         self.systemd = systemd
         self.releases = releases
         self.job = JobRecord(settings.state_dir, "update", WORKING_STATES)
+        self.manager = ManagerUpdate(settings, releases)
 
     def view(self, summary=False, wait=True):
         return self.job.view(SUMMARY_FIELDS if summary else None, wait)
@@ -2960,6 +3005,7 @@ class Updater:
                 shutil.rmtree(staging, ignore_errors=True)
             if then is not None:
                 then(self.job.state)
+            self.manager.offer(self.busy)  # between jobs: the manager's own update, if due
 
     # --- the phases
     def _fetch(self, version, staging):
@@ -3055,7 +3101,7 @@ class Updater:
         releases = self.releases
         left = self.job.get("fallback")
         self.job.set(SUCCEEDED, f"version {self.job.get('version')} is running", error=None,
-                     durable=True)
+                     durable=True, manager_update=self.manager.pending()[0])
         failpoint("committed")
         trash = []
         if self.job.get("action") == "rollback" and left and left in releases.ids() \
@@ -3172,6 +3218,240 @@ class Updater:
                      error=why)
 
 
+# --- the manager's own update: a release may carry dist/manager/backend_ai_manager.py --------
+# Each version is kept in STATE/manager/<version>/, `current` links the one to run, and
+# STATE/manager/manager.json records the last good version, the one before it, the version on
+# trial, the failed versions (never tried again by themselves) and the last attempt. A newer
+# manager is self-tested, kept, then handed this process in place (exec: same PID, the listening
+# socket passed on); it is on trial for --manager-trial seconds. The unit's file is the fixed
+# start point: each start settles a trial that did not end (that version failed) and hands over
+# to the newest good of itself and `current` (start_point()).
+SELF_TEST_TIMEOUT = 10
+HANDOVER_ENV, LISTEN_FD_ENV = "BACKEND_AI_HANDOVER", "BACKEND_AI_LISTEN_FD"
+TESTING, HANDING_OVER, ON_TRIAL, GOOD, REFUSED, REVERTED, INTERRUPTED = (
+    "testing", "handing over", "trial", "good", "refused", "reverted", "interrupted")
+
+
+class ManagerUpdate:
+    """The store, the record and the self-update itself (see the comment above)."""
+
+    def __init__(self, settings, releases):
+        self.settings, self.releases = settings, releases
+        self.dir = os.path.join(settings.state_dir, "manager")
+        self.path = os.path.join(self.dir, "manager.json")
+        self.current = os.path.join(self.dir, "current")
+        self.record = {"failed": {}}
+        self.lock = threading.Lock()  # checking that no job runs and starting one: one step
+        self.active = False
+        self.blockers = []  # more callables saying "a job runs" (the hub's rollout)
+        self.hand_over = None  # serve()'s: drain the server, exec a file; never returns
+
+    # --- the store and its record
+    def load(self):
+        try:
+            with open(self.path, "rb") as f:
+                self.record = json.loads(f.read())
+        except FileNotFoundError:
+            self.record = {}
+        except (OSError, ValueError) as e:  # written atomically: only a hand could break it
+            log.error("cannot read the manager record %s (%s): starting a new one", self.path, e)
+            self.record = {}
+        self.record.setdefault("failed", {})
+        return self.record
+
+    def save(self, **fields):
+        self.record.update(fields)
+        os.makedirs(self.dir, 0o755, exist_ok=True)
+        _write_file(self.path, json.dumps(self.record, indent=1).encode())
+
+    def file(self, version):
+        return os.path.join(self.dir, version, "backend_ai_manager.py")
+
+    def keep(self, version, data):
+        os.makedirs(os.path.dirname(self.file(version)), 0o755, exist_ok=True)
+        _write_file(self.file(version), data, 0o755)
+        _fsync_dir(self.dir)
+
+    def point(self, version):
+        """`current` -> version, atomically (None: no link, run the unit's file)."""
+        temp = self.current + ".new"
+        _remove(temp)
+        if version is None:
+            _remove(self.current)
+        else:
+            os.symlink(version, temp)
+            os.replace(temp, self.current)
+        _fsync_dir(self.dir)
+
+    def view(self):
+        trial = self.record.get("trial") or {}
+        return {"version": __version__, "role": self.settings.role,
+                "state": ON_TRIAL if trial.get("version") == __version__ else GOOD,
+                "previous": self.record.get("previous"), "failed": dict(self.record["failed"]),
+                "self_update": self.record.get("self_update"),
+                "updates": "on" if self.settings.manager_updates else "off"}
+
+    # --- at start
+    def start_point(self, handed_over):
+        """Settle the record at start; returns the stored file to hand over to, or None to run
+        this one. `handed_over`: this process was exec'd by a manager ("trial": a
+        self-update's; "start": the start point's)."""
+        record = self.load()
+        trial = record.get("trial")
+        if handed_over == "trial" and trial and trial.get("version") == __version__:
+            return None
+        if trial:  # the manager on trial did not last: the last good one comes back
+            reason = ("stopped during the hand-over, before it served (it did not start or "
+                      "missed READY)" if trial.get("phase") == HANDING_OVER else
+                      f"stopped during its {trial.get('trial', 0):g} s trial (it began serving "
+                      f"{time.time() - trial.get('serving', 0):.0f} s before this start)")
+            log.error("manager %s failed on trial: %s; back to %s", trial["version"], reason,
+                      record.get("good") or __version__)
+            record["failed"][trial["version"]] = reason
+            good = record.get("good")
+            self.point(good if good and os.path.isfile(self.file(good)) else None)
+            self.save(trial=None, self_update=dict(record.get("self_update") or {},
+                                                   state=REVERTED, error=reason))
+        if handed_over or not self.settings.manager_updates:
+            stored = None
+        else:
+            try:
+                stored = os.readlink(self.current)
+            except OSError:
+                stored = None
+        if stored and stored not in record["failed"] and os.path.isfile(self.file(stored)) \
+                and version_key(stored) > version_key(__version__):
+            return self.file(stored)
+        if record.get("good") != __version__:  # a first start, or a newer file copied by hand
+            self.save(good=__version__, previous=record.get("good"))
+        return None
+
+    def serving(self):
+        """Called once this manager serves: a manager on trial starts its clock."""
+        trial = self.record.get("trial")
+        if trial and trial.get("version") == __version__:
+            self.save(trial=dict(trial, phase=ON_TRIAL, serving=time.time(),
+                                 trial=self.settings.manager_trial),
+                      self_update=dict(self.record.get("self_update") or {}, state=ON_TRIAL))
+            timer = threading.Timer(self.settings.manager_trial, self._passed)
+            timer.daemon = True
+            timer.start()
+
+    def stopped(self):
+        """A clean stop during a hand-over or a trial is not the new version's failure: it is
+        undone, the last good manager runs at the next start, and that one tries again."""
+        trial = self.record.get("trial")
+        if trial and __version__ in (trial.get("version"), trial.get("from")):
+            good = self.record.get("good")
+            self.point(good if good and os.path.isfile(self.file(good)) else None)
+            self.save(trial=None, self_update=dict(
+                self.record.get("self_update") or {}, state=INTERRUPTED,
+                error="the manager was stopped during the hand-over or the trial; tried again "
+                      "at the next start"))
+
+    def _passed(self):
+        trial = self.record["trial"]
+        self.save(good=__version__, previous=trial.get("from"), trial=None,
+                  self_update=dict(self.record.get("self_update") or {}, state=GOOD))
+        for name in os.listdir(self.dir):  # keep this version and the previous one
+            path = os.path.join(self.dir, name)
+            if name not in (__version__, trial.get("from")) and os.path.isdir(path) and \
+                    not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+        log.info("manager %s passed its trial of %g s", __version__, self.settings.manager_trial)
+
+    # --- between jobs
+    def pending(self):
+        """The newer manager the current release carries, if this one would try it."""
+        try:
+            with open(os.path.join(self.releases.current_link, MANAGER_IN_RELEASE), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None, None
+        version = manager_version(data)
+        if not self.settings.manager_updates or version is None or \
+                version_key(version) <= version_key(__version__) or \
+                version in self.record["failed"]:
+            return None, None
+        return version, data
+
+    def check_idle(self):
+        """Raises Busy while the manager updates itself (call with `lock` held)."""
+        if self.active:
+            raise Busy("the manager is updating itself; try again in a few seconds")
+
+    def offer(self, busy):
+        """Between jobs: start the self-update if the current release carries a newer manager
+        and no job (busy(), blockers) runs."""
+        if self.hand_over is None or self.pending()[0] is None:
+            return
+        with self.lock:
+            if self.active or busy() or any(blocked() for blocked in self.blockers):
+                return
+            self.active = True
+        threading.Thread(target=self._update, name="self-update", daemon=True).start()
+
+    def _update(self):
+        version = None
+        try:
+            version, data = self.pending()
+            if version is not None:
+                self._attempt(version, data)
+        except Exception as e:
+            log.exception("manager self-update failed")
+            self._refuse(version, f"internal error: {describe(e)}")
+        finally:
+            self.active = False
+
+    def _refuse(self, version, reason):
+        log.error("manager %s refused: %s; %s keeps running", version, reason, __version__)
+        self.record["failed"][version] = reason
+        self.save(self_update=dict(self.record.get("self_update") or {}, state=REFUSED,
+                                   error=reason))
+
+    def _attempt(self, version, data):
+        self.save(self_update={"version": version, "from": __version__, "state": TESTING,
+                               "error": None, "at": utc_now()})
+        log.info("the current release carries manager %s: self-test", version)
+        release_file = os.path.join(self.releases.current_link, MANAGER_IN_RELEASE)
+        problem = self.self_test(release_file, version)
+        if problem:
+            return self._refuse(version, f"its self-test failed: {problem}")
+        failpoint("manager-tested")
+        with open(__file__, "rb") as f:
+            mine = f.read()
+        if manager_version(mine) == __version__ and not os.path.isfile(self.file(__version__)):
+            self.keep(__version__, mine)  # the previous version, kept
+        self.keep(version, data)
+        failpoint("manager-stored")
+        self.save(trial={"version": version, "from": __version__, "phase": HANDING_OVER,
+                         "since": utc_now()},
+                  self_update=dict(self.record["self_update"], state=HANDING_OVER))
+        self.point(version)
+        log.info("manager %s self-tested and kept: handing over to it", version)
+        self.hand_over(self.file(version))
+
+    def self_test(self, path, version):
+        """Run `python3 path self-test` with this manager's settings; the problem, or None."""
+        argv = [sys.executable, path, "self-test"]
+        for option in OPTIONS:  # the same settings, as flags (its environment is COMMAND_ENV)
+            text, origin = self.settings.sources.get(option.name, ("", "default"))
+            if origin != "default" and (option.parse is not _bool or _bool(text)):
+                argv.append(option.flag if option.parse is _bool else f"{option.flag}={text}")
+        result = run_command(argv, SELF_TEST_TIMEOUT)
+        if result.timed_out:
+            return f"it did not finish within {SELF_TEST_TIMEOUT} s"
+        if result.code != 0:  # the last line of a traceback says what went wrong
+            said = (result.err.strip() or result.out.strip()).splitlines()
+            return f"exit status {result.code}" + (f": {_text(said[-1], 300)}" if said else "")
+        try:
+            said = json.loads(result.out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return f"it printed {_text(result.out, 200)!r}, not its version"
+        said = said.get("version") if isinstance(said, dict) else said
+        return None if said == version else f"it says it is {_text(said, 64)}, not {version}"
+
+
 # ============================================================================================
 # Fleet: the hub's view of its agents (GET /agents) and the rollout of a release to them. The
 # hub talks to each agent's manager with AgentCall (see the wire section): answers are checked
@@ -3183,7 +3463,7 @@ def agent_status(call):
     """GET /agents' entry for one agent's GET /status call, every field checked."""
     entry = {"agent": call.agent, "reachable": call.answered, "running": None,
              "active_state": None, "since": None, "version": None, "update": None,
-             "rtt_ms": call.rtt_ms, "error": call.error}
+             "manager": None, "rtt_ms": call.rtt_ms, "error": call.error}
     if call.status is None:
         return entry
     payload = call.payload
@@ -3200,7 +3480,15 @@ def agent_status(call):
     update = payload.get("update")
     if isinstance(update, dict):
         entry["update"] = {key: _text(update.get(key)) for key in ("state", "version", "error")}
+    entry["manager"] = manager_of(payload)
     return entry
+
+
+def manager_of(status):
+    """The manager version an agent's /status names (checked), or None."""
+    manager = status.get("manager")
+    version = manager.get("version") if isinstance(manager, dict) else None
+    return version if isinstance(version, str) and VERSION_RE.fullmatch(version) else None
 
 
 def agents_overview(settings, hub_version):
@@ -3210,11 +3498,15 @@ def agents_overview(settings, hub_version):
     run_agent_calls(calls, AGENT_CONNECT_TIMEOUT, AGENT_STATUS_DEADLINE)
     agents = [agent_status(call) for call in calls]
     versions = dict(collections.Counter(e["version"] for e in agents if e["version"]))
+    managers = dict(collections.Counter(e["manager"] for e in agents if e["manager"]))
     return {"agents": agents, "summary": {
         "total": len(agents), "reachable": sum(e["reachable"] for e in agents),
         "running": sum(e["running"] is True for e in agents), "versions": versions,
         "hub_version": hub_version,
-        "skew": [e["agent"] for e in agents if e["version"] and e["version"] != hub_version]}}
+        "skew": [e["agent"] for e in agents if e["version"] and e["version"] != hub_version],
+        "manager_versions": managers, "hub_manager": __version__,
+        "manager_skew": [e["agent"] for e in agents if e["manager"] and
+                         e["manager"] != __version__]}}
 
 
 # --- the rollout: a release, batch by batch, to the agents -------------------------------------
@@ -3224,7 +3516,8 @@ ROLLOUT_WORKING = (PENDING, ROLLING)
 # be), then one outcome: CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK or LOST.
 WAITING, UPDATING = "waiting", "updating"
 CURRENT, UNREACHABLE, LOST = "current", "unreachable", "lost"
-AGENT_FAILURES = (FAILED, ROLLED_BACK, LOST)  # counted against --rollout-max-failures
+MANAGER_FAILED = "manager_failed"  # the service updated; the manager it carried did not take
+AGENT_FAILURES = (FAILED, ROLLED_BACK, LOST, MANAGER_FAILED)  # against --rollout-max-failures
 
 
 def agent_poll_interval(elapsed):
@@ -3333,6 +3626,7 @@ class Rollout:
         self.settings = settings
         self.job = JobRecord(settings.state_dir, "rollout", ROLLOUT_WORKING)
         self.halt_requested = threading.Event()
+        self.ended = lambda: None  # called once a rollout has ended
 
     def running(self):
         return self.job.working()
@@ -3403,6 +3697,8 @@ class Rollout:
             log.exception("the rollout failed unexpectedly")
             self.job.set(HALTED, f"rollout halted: internal error: {e}", logging.ERROR,
                          error=f"internal error: {e}")
+        finally:
+            self.ended()
 
     def _run(self):
         entries = self.job.get("agents")
@@ -3528,6 +3824,9 @@ class Rollout:
                                   "sent again)")
             elif record.get("state") in FINAL_STATES:
                 state = record["state"]
+                manager = record.get("manager_update")
+                if state == SUCCEEDED and isinstance(manager, str):
+                    return self._follow_manager(entry, manager, token, started)
                 return self._mark(entry, state, _text(record.get("error")),
                                   step=_text(record.get("step")))
             else:
@@ -3536,6 +3835,32 @@ class Rollout:
             time.sleep(agent_poll_interval(time.monotonic() - started))
         self._mark(entry, LOST, f"no final state within {self.settings.rollout_agent_timeout:g} s"
                                 f" (last: {last})")
+
+    def _follow_manager(self, entry, version, token, started):
+        """The agent's service is updated and its release carries manager `version`, which the
+        agent takes between jobs: poll GET /status until that manager runs and passed its
+        trial (succeeded), or the agent refused or reverted it (manager_failed)."""
+        self.job.update_entry(entry, step=f"updated; waiting for its manager {version}")
+        last = "no answer yet"
+        while time.monotonic() - started < self.settings.rollout_agent_timeout:
+            call = call_agent(entry["agent"], "GET", "/status", token)
+            manager = call.payload.get("manager") if call.status == 200 else None
+            if isinstance(manager, dict):
+                failed = manager.get("failed")
+                if isinstance(failed, dict) and version in failed:
+                    return self._mark(entry, MANAGER_FAILED, f"its manager {version} did not "
+                                      f"take: {_text(failed[version])}")
+                if manager_of(call.payload) == version and manager.get("state") == GOOD:
+                    return self._mark(entry, SUCCEEDED, None,
+                                      step=f"version {self.job.get('version')} and manager "
+                                      f"{version} are running")
+                last = f"manager {_text(manager.get('version'), 64)} " \
+                       f"({_text(manager.get('state'), 20)})"
+            else:
+                last = call.error or f"HTTP {call.status}"  # none while it hands over
+            time.sleep(0.25)
+        self._mark(entry, MANAGER_FAILED, f"its manager {version} did not report within "
+                   f"{self.settings.rollout_agent_timeout:g} s (last: {last})")
 
     def _finish(self):
         entries = self.job.get("agents")
@@ -3644,7 +3969,8 @@ class Api:
         self.systemd = systemd
         self.updater = updater
         self.rollout = rollout  # a hub's
-        self.jobs_lock = threading.Lock()  # checking that no job runs and starting one: one step
+        # Checking that no job runs (nor the manager's own update) and starting one: one step.
+        self.jobs_lock = updater.manager.lock
         self.own_names = own_host_names()
         self.hardening = running_hardening()
         self._host_checked = {}  # Host header -> its problem (None: fine), bounded
@@ -3747,8 +4073,7 @@ class Api:
         except ManagerError as e:
             result["version"], result["name"], result["version_error"] = None, None, e.message
         result["update"] = self.updater.view(summary=True, wait=wait)
-        result["manager"] = {"version": __version__, "role": self.settings.role,
-                             "hardening": self.hardening}
+        result["manager"] = dict(self.updater.manager.view(), hardening=self.hardening)
         return 200, result
 
     def control(self, action):
@@ -3774,6 +4099,7 @@ class Api:
         if target == "agents" and self.rollout is None:
             raise InvalidInput("target 'agents' is for a hub's manager")
         with self.jobs_lock:
+            self.updater.manager.check_idle()
             if self.rollout is not None and self.rollout.running():
                 raise Busy(f"a rollout of version {self.rollout.job.get('version')} to the "
                            "agents is running (POST /update/halt stops it)")
@@ -3821,6 +4147,7 @@ class Api:
 
     def rollback(self, request):
         with self.jobs_lock:
+            self.updater.manager.check_idle()
             if self.rollout is not None and self.rollout.running():
                 raise Busy("a rollout to the agents is running (POST /update/halt stops it)")
             record = self.updater.start_rollback()
@@ -3914,6 +4241,7 @@ class _Connection:
         self.need = 0  # bytes the request in buf takes, once its head is whole
         self.linger = False  # answered a refused request: drain, then close
         self.idle = True  # no byte of the next request has arrived yet
+        self.answered = False  # a request of it was answered (a hand-over may close it idle)
 
 
 def client_allowed(address, networks):
@@ -3939,17 +4267,19 @@ class Server:
         self.api = api
         self.settings = settings
         self.max_connections = max_connections or settings.max_connections
-        family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
-        # No HTTPServer.server_bind(): it calls socket.getfqdn(), reverse DNS that hangs where
-        # DNS is broken.
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.listener.bind((settings.bind, settings.port))
-            self.listener.listen(128)
-        except OSError:
-            self.listener.close()
-            raise
+        self.listener = self._inherited(settings)
+        if self.listener is None:
+            family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
+            # No HTTPServer.server_bind(): it calls socket.getfqdn(), reverse DNS that hangs
+            # where DNS is broken.
+            self.listener = socket.socket(family, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.listener.bind((settings.bind, settings.port))
+                self.listener.listen(128)
+            except OSError:
+                self.listener.close()
+                raise
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()
         self.selector = selectors.DefaultSelector()
@@ -3963,6 +4293,7 @@ class Server:
         self.jobs = queue.Queue()  # (task_done counts what is in progress: see stuck())
         self.stopping = threading.Event()
         self.stopped = threading.Event()
+        self.draining = None  # the hand-over's deadline (monotonic), once it drains
         self.heartbeat = self.last_done = time.monotonic()
         # A request may legitimately take a systemctl timeout plus writing its answer.
         self.progress_window = settings.command_timeout + self.WRITE_TIMEOUT + 30
@@ -3970,6 +4301,23 @@ class Server:
                         for _ in range(self.WORKERS)]
         for worker in self.workers:
             worker.start()
+
+    @staticmethod
+    def _inherited(settings):
+        """The listening socket a manager handing over passed on (LISTEN_FD_ENV), if it still
+        listens where the settings say; connections waiting in its backlog are served here."""
+        fd = os.environ.pop(LISTEN_FD_ENV, "")
+        if not fd.isdigit():
+            return None
+        try:
+            sock = socket.socket(fileno=int(fd))
+        except OSError:
+            return None
+        sock.set_inheritable(False)
+        if sock.getsockname()[:2] == (settings.bind, settings.port):
+            return sock
+        sock.close()  # the settings changed: listen anew
+        return None
 
     # --- the selector thread
     def serve_forever(self, poll_interval=0.5):
@@ -3987,12 +4335,31 @@ class Server:
                         self._guarded(self._read, key.data)
                 self._take_back()
                 self._expire()
+                if self.draining:
+                    self._drain_turn()
         finally:
             registered = self._registered()  # connections a worker does not hold
             for conn in list(self.connections):
                 if conn.idle or conn in registered:
                     self._close(conn)
             self.stopped.set()
+
+    def drain(self, grace=5.0):
+        """For a hand-over: accept no more (new connections wait in the listening socket's
+        backlog for the next manager), finish the requests in progress, close each connection
+        as it falls idle; returns once none is left (or after `grace` s) and the loop stopped."""
+        self.draining = time.monotonic() + grace
+        self._wake()
+        self.stopped.wait(grace + 5)
+
+    def _drain_turn(self):
+        if self.listener in {k.fileobj for k in self.selector.get_map().values()}:
+            self.selector.unregister(self.listener)
+        for conn in self._registered():
+            if conn.idle and conn.answered:  # a new one waits for its first request
+                self._close(conn)
+        if not self.connections or time.monotonic() > self.draining:
+            self.stopping.set()
 
     def _registered(self):
         return {k.data for k in self.selector.get_map().values() if isinstance(k.data, _Connection)}
@@ -4109,6 +4476,7 @@ class Server:
                 return
             conn.need = 0
             del conn.buf[:length]
+            request.close = request.close or bool(self.draining)  # the last on this connection
             request.instant = error is None and not self.stopping.is_set() and \
                 self.api.instant(request)
             data = self.api.respond(request) if request.instant else None
@@ -4135,6 +4503,7 @@ class Server:
 
     def _rearm(self, conn):
         """After an answer: an idle connection may wait KEEPALIVE for its next request."""
+        conn.answered = True
         conn.idle = not conn.buf
         conn.deadline = time.monotonic() + (self.KEEPALIVE if conn.idle
                                             else self.settings.request_timeout)
@@ -4214,7 +4583,7 @@ class Server:
                 else:
                     if extra is not None:
                         request.close = True  # nothing after a bad request is read
-                    if self.stopping.is_set():
+                    if self.stopping.is_set() or self.draining:
                         request.close = True
                     data = self.api.respond(request, extra)
                 conn.sock.sendall(data)
@@ -4308,7 +4677,7 @@ class Watchdog(threading.Thread):
 
 CLIENT_DEADLINES = {"GET": 30.0, "POST": 300.0}  # a POST /restart waits for systemctl
 ROLLOUT_FINAL = (SUCCEEDED, INCOMPLETE, HALTED)
-AGENT_OUTCOMES = (CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK, LOST)
+AGENT_OUTCOMES = (CURRENT, UNREACHABLE, SUCCEEDED, FAILED, ROLLED_BACK, LOST, MANAGER_FAILED)
 
 
 class Client:
@@ -4426,7 +4795,7 @@ class Client:
         if self.as_json:
             self.dump(answer)
             return EXIT_OK
-        rows = [("AGENT", "REACHABLE", "STATE", "VERSION", "SINCE", "UPDATE", "RTT")]
+        rows = [("AGENT", "REACHABLE", "STATE", "VERSION", "SINCE", "UPDATE", "RTT", "MANAGER")]
         for entry in answer.get("agents") or []:
             update = entry.get("update") or {}
             rows.append((
@@ -4434,7 +4803,8 @@ class Client:
                 entry.get("active_state") or ("-" if not entry.get("error") else "error"),
                 entry.get("version") or "-", entry.get("since") or "-",
                 " ".join(str(update.get(k)) for k in ("state", "version") if update.get(k))
-                or "-", f"{entry['rtt_ms']:.0f} ms" if entry.get("rtt_ms") is not None else "-"))
+                or "-", f"{entry['rtt_ms']:.0f} ms" if entry.get("rtt_ms") is not None else "-",
+                entry.get("manager") or "-"))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             self.say("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -4448,6 +4818,10 @@ class Client:
         self.say(f"{summary.get('total', 0)} agents, {summary.get('reachable', 0)} reachable, "
                  f"{summary.get('running', 0)} running; versions {versions}; hub "
                  f"{summary.get('hub_version') or '-'}; not on the hub's version: {skew}")
+        managers = ", ".join(f"{v}: {n}" for v, n in sorted((summary.get("manager_versions")
+                                                              or {}).items())) or "none"
+        self.say(f"managers {managers}; hub's {summary.get('hub_manager') or '-'}; not on the "
+                 f"hub's manager: {', '.join(summary.get('manager_skew') or []) or 'none'}")
         return EXIT_OK
 
     def update(self, args):
@@ -4589,7 +4963,13 @@ def describe_status(answer):
     manager = answer.get("manager") or {}
     if manager:
         hardening = f", hardening: {manager['hardening']}" if manager.get("hardening") else ""
-        lines.append(f"manager: {manager.get('version')} ({manager.get('role')}){hardening}")
+        lines.append(f"manager: {manager.get('version')} ({manager.get('role')}, "
+                     f"{manager.get('state') or 'good'}){hardening}")
+        last = manager.get("self_update") or {}
+        if last.get("version"):
+            error = f": {last['error']}" if last.get("error") else ""
+            previous = f" (previous {manager['previous']})" if manager.get("previous") else ""
+            lines.append(f"manager update: {last['version']} {last.get('state')}{error}{previous}")
     return lines
 
 
@@ -4599,7 +4979,8 @@ def run_client(args):
         try:
             path, digest = pack_release(args.build_dir, args.kind, args.out,
                                         say=lambda line: print(line, file=sys.stderr
-                                                               if args.json else sys.stdout))
+                                                               if args.json else sys.stdout),
+                                        manager=os.path.abspath(__file__) if args.manager else None)
         except ClientError as e:
             print(f"backend_ai_manager.py pack: error: {e.message}", file=sys.stderr)
             return e.code
@@ -4648,6 +5029,9 @@ def build_parser():
         "options (in /etc/default), probing the hardening; enable, start, show /status")
     installer.add_argument("--dry-run", action="store_true",
                            help="print what would be written, write nothing")
+    tester = commands.add_parser("self-test", help="what a manager checks of a new one before "
+                                 "handing over to it: run here with serve's settings, read the "
+                                 "state dir, change nothing, print the version as JSON")
     remover = commands.add_parser("uninstall", help="as root: stop the role's service and "
                                   "remove what install wrote (the state dir stays)")
     remover.add_argument("--role", choices=list(ROLES), required=True)
@@ -4655,7 +5039,7 @@ def build_parser():
         text = ("hub only: " if option.hub_only else "") + f"{option.help} (${option.env})"
         kind = {"action": "store_const", "const": True} if option.parse is _bool else {
             "choices": list(ROLES) if option.name == "role" else None}
-        for command in (daemon, checker, installer):
+        for command in (daemon, checker, installer, tester):
             command.add_argument(option.flag, dest=option.name, default=None, help=text, **kind)
     common = _Parser(add_help=False)
     common.add_argument("--host", default=os.environ.get("BACKEND_AI_HOST", "127.0.0.1:3081"),
@@ -4691,6 +5075,9 @@ def build_parser():
     pack.add_argument("--kind", choices=("hub", "agent"), required=True)
     pack.add_argument("--out", required=True, metavar="NAS_ROOT")
     pack.add_argument("--json", action="store_true", help="print the result as JSON")
+    pack.add_argument("--no-manager", dest="manager", action="store_false",
+                      help=f"leave this manager out (by default it rides along as "
+                      f"{MANAGER_IN_RELEASE})")
     return parser
 
 
@@ -5023,6 +5410,21 @@ def check(settings, out=None):
     return 0
 
 
+def self_test(settings):
+    """`self-test`: run by a manager on a new one before handing over to it. Reads only: it
+    runs here, with these settings, and reads the state dir's records and releases."""
+    manager = ManagerUpdate(settings, Releases(settings.install_dir, settings.state_dir))
+    manager.load()
+    update = os.path.join(settings.state_dir, "update.json")
+    if os.path.exists(update):
+        with open(update, "rb") as f:
+            json.loads(f.read())
+    print(json.dumps({"version": __version__, "role": settings.role,
+                      "releases": len(manager.releases.ids()),
+                      "installed": installed_version_or_none(settings)}))
+    return 0
+
+
 def release_free_memory():
     """Give the C heap's free pages back to the system. Python compiles this file afresh at
     every start (a script has no cached bytecode), which takes about 10 MB that stay with the
@@ -5048,7 +5450,27 @@ def raise_file_limit(settings):
     return settings.max_connections
 
 
-def serve(settings):
+def hand_over(path, argv, environ):
+    """Replace this process (same PID) with the manager at `path`: `python3 -c LAUNCH path`."""
+    for handler in log.handlers:
+        handler.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, "-c", LAUNCH, path] + argv, environ)
+    except OSError as e:  # the next start settles it (the trial record says how far it got)
+        log.error("cannot run %s: %s", path, e.strerror)
+        os._exit(1)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serve(settings, argv=("serve",)):
+    """The daemon. `argv` (serve and its options) is what a hand-over runs the new file with."""
+    argv = list(argv)
+    # SIGTERM and SIGINT are blocked until the main thread waits for them: every other thread
+    # starts with them blocked, so they reach the main thread only, and the hand-over can hold
+    # them (one that comes then stays pending through exec, and the next manager stops at once).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     setup_logging(settings.log_requests)
     systemd = Systemd(settings.service, settings.command_timeout)
     releases = Releases(settings.install_dir, settings.state_dir)
@@ -5062,6 +5484,10 @@ def serve(settings):
             warning = path and token_file_exposed(path)
             if warning:  # after the lock: a second serve says one line, the lock's
                 log.warning("%s", warning)
+        stored = updater.manager.start_point(os.environ.pop(HANDOVER_ENV, None))
+        if stored:
+            log.info("handing over to the kept manager %s", stored)
+            hand_over(stored, argv, dict(os.environ, **{HANDOVER_ENV: "start"}))
         updater.recover()
     except StateDirLocked as e:
         log.error("%s", e.message)
@@ -5079,17 +5505,23 @@ def serve(settings):
     if settings.role == "hub":
         rollout = Rollout(settings)
         rollout.recover(updater.job.state, installed_version_or_none(settings))
+        updater.manager.blockers.append(rollout.running)
+        rollout.ended = lambda: updater.manager.offer(updater.busy)  # the hub's, after it
     api = Api(settings, systemd, updater, rollout)
     try:
         server = Server(settings, api, raise_file_limit(settings))
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.bind, settings.port, e.strerror)
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        # A handler only sets the Event: shutdown() from a signal handler deadlocks while
-        # serve_forever runs in the same thread. The main thread does the stopping.
-        signal.signal(signum, lambda *_: stop.set())
+    stop, signalled, handover = threading.Event(), threading.Event(), []
+
+    def on_signal(*_):
+        # Only sets Events: shutdown() from a signal handler deadlocks while serve_forever runs
+        # in the same thread. The main thread does the stopping.
+        signalled.set()
+        stop.set()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
@@ -5097,7 +5529,28 @@ def serve(settings):
     release_free_memory()
     sd_notify("READY=1\nSTATUS=listening")  # only now: the socket listens (Type=notify)
     Watchdog(server, stop).start()
+
+    def hand_over_to(path):  # the self-update's last step: the main thread does the exec
+        server.drain()
+        handover.append(path)
+        stop.set()
+        threading.Event().wait()
+    updater.manager.hand_over = hand_over_to
+    updater.manager.serving()
+    updater.manager.offer(updater.busy)  # a release carrying a newer manager may be current
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     stop.wait()
+    if handover and not signalled.is_set():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if not signalled.is_set():  # (a handler that ran before the block has set it)
+            server.shutdown(grace=5)
+            sd_notify(f"RELOADING=1\nSTATUS=handing over to {handover[0]}\n"
+                      f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            failpoint("manager-handover")
+            os.set_inheritable(server.listener.fileno(), True)
+            hand_over(handover[0], argv, dict(os.environ, **{
+                HANDOVER_ENV: "trial", LISTEN_FD_ENV: str(server.listener.fileno())}))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("stopping: finishing requests in progress")
     sd_notify("STOPPING=1")
     server.shutdown()
@@ -5105,6 +5558,7 @@ def serve(settings):
     if updater.busy():
         log.warning("an %s was in progress; the next start will recover it",
                     updater.job.get("action"))
+    updater.manager.stopped()
     return 0
 
 
@@ -5114,7 +5568,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command not in ("serve", "check", "install", "uninstall"):
+    if args.command not in ("serve", "check", "install", "uninstall", "self-test"):
         return run_client(args)
     try:
         if args.command == "uninstall":
@@ -5128,7 +5582,10 @@ def main(argv=None):
     except (ManagerError, OSError) as e:
         print(f"backend_ai_manager.py {args.command}: error: {describe(e)}", file=sys.stderr)
         return 1
-    return check(settings) if args.command == "check" else serve(settings)
+    if args.command == "self-test":
+        return self_test(settings)
+    return check(settings) if args.command == "check" else serve(
+        settings, sys.argv[1:] if argv is None else argv)
 
 
 # How `serve` runs: Python keeps a script's syntax tree (about 8 MB for this file) until the script

@@ -21,7 +21,7 @@ sys.path.insert(0, HERE)
 import nodehub  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
 import trees  # noqa: E402
-from support import Lab  # noqa: E402
+from support import Lab, bam  # noqa: E402
 
 BOLD, DIM, GREEN, RED, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") \
     if sys.stdout.isatty() else ("",) * 5
@@ -189,46 +189,66 @@ def fleet(lab, hub, prepared):
     agents = []
     for n in (1, 2):
         agent = lab.host(f"agent{n}", settle=1, node=prepared, role="agent", name=str(n),
-                         address=f"127.0.4.{n}", port=3081)
+                         address=f"127.0.4.{n}", port=3081,
+                         env={"BACKEND_AI_MANAGER_TRIAL": "3"})
         agent.install_base("2.0.10")
         agent.start()
         agents.append(agent)
     agent_list = ",".join(f"{a.address}:3081" for a in agents)
-    hub.restart_manager(BACKEND_AI_AGENTS=agent_list, BACKEND_AI_ROLLOUT_BATCHES="1,100%")
+    hub.restart_manager(BACKEND_AI_AGENTS=agent_list, BACKEND_AI_ROLLOUT_BATCHES="1,100%",
+                        BACKEND_AI_MANAGER_TRIAL="3")
     print(f"  the hub's manager restarted with BACKEND_AI_AGENTS={agent_list} "
-          "BACKEND_AI_ROLLOUT_BATCHES=1,100% (the first agent is the canary)")
+          "BACKEND_AI_ROLLOUT_BATCHES=1,100% (the first agent is the canary) "
+          "BACKEND_AI_MANAGER_TRIAL=3 (a new manager's trial, 30 s by default)")
     answer = show(hub, "GET", "/agents", quiet_keys=("agents",))
     for entry in answer["agents"]:
         print(f"    {entry['agent']:<15} reachable={entry['reachable']} running={entry['running']}"
               f" version={entry['version']} rtt={entry['rtt_ms']} ms")
 
     LAB_DIR[:] = [lab.work]
-    say("Deploying 2.0.12 with the client: `pack` the build into the NAS share for the hub and "
-        "the agents, then `update` on the hub, which follows the hub's update and the rollout")
+    newer = f"{bam.__version__}.1"
+    say(f"Deploying 2.0.12 with the client: `pack` the build into the NAS share for the hub and "
+        f"the agents, with a newer manager ({newer}, this file with its version raised) riding "
+        "along, then `update` on the hub, which follows the hub's update and the rollout; each "
+        "manager then updates itself in place")
     build = nodehub.build(prepared, "2.0.12", os.path.join(lab.work, "build-2.0.12"))
+    manager = os.path.join(lab.work, "newer-manager", "backend_ai_manager.py")
+    os.makedirs(os.path.dirname(manager))
+    with open(BAM) as f, open(manager, "w") as out:
+        out.write(f.read().replace(f'__version__ = "{bam.__version__}"',
+                                   f'__version__ = "{newer}"', 1))
     for kind in ("hub", "agent"):
-        if client(["pack", build, "--kind", kind, "--out", hub.nas.root]) != 0:
+        if client(["pack", build, "--kind", kind, "--out", hub.nas.root], manager) != 0:
             return 1
     if client(["update", "2.0.12", "--host", f"127.0.0.1:{hub.port}"]) != 0:
         return 1
     for node in [hub] + agents:
         if node.service_info()["version"] != "2.0.12" or not check_tree(node, "2.0.12"):
             return 1
-    if client(["agents", "--host", f"127.0.0.1:{hub.port}"]) != 0:
+    deadline = time.monotonic() + 30  # the hub takes its own manager after the rollout
+    while hub.api("GET", "/status")[1]["manager"]["version"] != newer:
+        if time.monotonic() > deadline:
+            return 1
+        time.sleep(0.2)
+    if client(["agents", "--host", f"127.0.0.1:{hub.port}"]) != 0 or \
+            client(["status", "--host", f"127.0.0.1:{hub.port}"]) != 0:
         return 1
     answer = show(hub, "GET", "/agents", quiet_keys=("agents",))
-    return 0 if answer["summary"]["versions"] == {"2.0.12": 2} else 1
+    summary = answer["summary"]
+    return 0 if summary["versions"] == {"2.0.12": 2} and summary["manager_versions"] == {
+        newer: 2} and summary["manager_skew"] == [] else 1
 
 
 LAB_DIR = []  # the lab's folder, shown as $LAB in the client's lines
 
 
-def client(args):
-    """Run the client (this checkout's backend_ai_manager.py) as an operator would, showing the
-    command and its output as it comes; return its exit status."""
+def client(args, manager=None):
+    """Run the client (this checkout's backend_ai_manager.py, or `manager`) as an operator
+    would, showing the command and its output as it comes; return its exit status."""
     shown = " ".join(args).replace(LAB_DIR[0], "$LAB") if LAB_DIR else " ".join(args)
-    print(f"{DIM}${RESET} python3 backend_ai_manager.py {shown}", flush=True)
-    process = subprocess.Popen([sys.executable, BAM] + args, stdout=subprocess.PIPE,
+    name = manager.replace(LAB_DIR[0], "$LAB") if manager else "backend_ai_manager.py"
+    print(f"{DIM}${RESET} python3 {name} {shown}", flush=True)
+    process = subprocess.Popen([sys.executable, manager or BAM] + args, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         line = line.replace(LAB_DIR[0], "$LAB") if LAB_DIR else line

@@ -186,7 +186,7 @@ def test_status_version_and_logs_print_the_real_service(host):
                         rf"{host.main_pid()}, \d+ restarts", lines[0]), show(run)
     version = installed_version(host)
     assert f"version: {version} @proxmox-ai-control/hub" in lines, show(run)
-    assert re.fullmatch(r"manager: \S+ \(hub\), hardening: full", lines[-1]), show(run)
+    assert re.fullmatch(r"manager: \S+ \(hub, good\), hardening: full", lines[-1]), show(run)
     assert run.stderr == ""
 
     run = client("version", host=on(host))
@@ -508,20 +508,24 @@ def test_agents_prints_a_table_of_every_agent(fleet):
     run = client("agents", host=on(hub))
     assert run.returncode == 0, show(run)
     lines = run.stdout.splitlines()
-    assert re.fullmatch(r"AGENT +REACHABLE +STATE +VERSION +SINCE +UPDATE +RTT", lines[0]), \
-        show(run)
-    rows = [re.fullmatch(r"(\S+) +(yes|no) +(\S+) +(\S+) +(\S+) +(.+?) +(\d+ ms)", line)
+    assert re.fullmatch(r"AGENT +REACHABLE +STATE +VERSION +SINCE +UPDATE +RTT +MANAGER",
+                        lines[0]), show(run)
+    rows = [re.fullmatch(r"(\S+) +(yes|no) +(\S+) +(\S+) +(\S+) +(.+?) +(\d+ ms) +(\S+)", line)
             for line in lines[1:1 + len(AGENTS)]]
     assert all(rows), show(run)
     assert [r.group(1) for r in rows] == AGENTS, show(run)
     assert [r.group(2, 3) for r in rows] == [("yes", "active")] * len(AGENTS), show(run)
     assert [r.group(4) for r in rows] == versions, show(run)
     assert all(r.group(5).endswith("Z") for r in rows), show(run)
+    manager = bam_version()
+    assert [r.group(8) for r in rows] == [manager] * len(AGENTS), show(run)
     counts = ", ".join(f"{v}: {versions.count(v)}" for v in sorted(set(versions)))
     skew = ", ".join(a for a, v in zip(AGENTS, versions) if v != hub_version) or "none"
     assert lines[1 + len(AGENTS):] == [
         f"{len(AGENTS)} agents, {len(AGENTS)} reachable, {len(AGENTS)} running; versions "
-        f"{counts}; hub {hub_version}; not on the hub's version: {skew}"], show(run)
+        f"{counts}; hub {hub_version}; not on the hub's version: {skew}",
+        f"managers {manager}: {len(AGENTS)}; hub's {manager}; not on the hub's manager: none"], \
+        show(run)
 
     run = client("agents", "--json", host=on(hub))
     assert run.returncode == 0, show(run)
@@ -563,7 +567,7 @@ def test_update_on_a_hub_prints_each_agents_outcome(fleet):
     run = client("agents", host=on(hub))
     assert run.returncode == 0, show(run)
     assert run.stdout.count(f"succeeded {version}") == len(AGENTS), show(run)
-    assert run.stdout.splitlines()[-1].endswith(f"hub {version}; not on the hub's version: none")
+    assert run.stdout.splitlines()[-2].endswith(f"hub {version}; not on the hub's version: none")
 
 
 def test_update_json_on_a_hub_holds_the_rollout(fleet):
@@ -672,6 +676,10 @@ def test_pack_is_reproducible_gnu_tar_reads_it_and_the_node_hub_runs_from_it(
     assert any(r.endswith(LONG_NAME) for r in rows)
     expected = trees.walk(build)
     assert LONG_NAME in expected and "node_modules/.bin/tsc" in expected
+    # The packing manager rides along (pack --no-manager leaves it out).
+    assert "dist/manager" not in expected
+    expected["dist/manager"] = ("dir",)
+    expected["dist/manager/backend_ai_manager.py"] = trees.entry(MANAGER)[:3] + (False,)
     assert expected["dist/bin/run.sh"][3] is True and expected["dist/code.txt"][3] is False
     extracted = trees.gnu_tree(tarball, os.path.join(scratch, "gnu"))
     trees.assert_same(expected, extracted, f"GNU tar's extraction of {tarball}")
@@ -761,9 +769,42 @@ def test_pack_of_a_good_small_build_with_kind_agent(tmp_path):
     """The control case of the refusals: the same small build, unchanged, is packed."""
     build = small_build(str(tmp_path / "build"))
     out = str(tmp_path / "out")
-    run = client("pack", build, "--kind", "agent", "--out", out)
+    run = client("pack", build, "--kind", "agent", "--out", out, "--no-manager")
     assert run.returncode == 0, show(run)
     tarball = os.path.join(out, "1.2.3", "agent-1.2.3.tar.gz")
     assert sorted(os.listdir(os.path.join(out, "1.2.3"))) == [
         "agent-1.2.3.tar.gz", "agent-1.2.3.tar.gz.sha256"]
     assert trees.gnu_tree(tarball, str(tmp_path / "gnu")) == trees.walk(build)
+
+
+def test_pack_carries_this_manager_unless_no_manager(tmp_path):
+    build = tmp_path / "build"
+    (build / "dist").mkdir(parents=True)
+    (build / "dist" / "app.js").write_text("app")
+    (build / "package.json").write_text('{"name": "x", "version": "3.1.4"}')
+    listings = {}
+    for flag in ((), ("--no-manager",)):
+        out = tmp_path / ("nas" + "".join(flag))
+        run = client("pack", str(build), "--kind", "agent", "--out", str(out), *flag)
+        assert run.returncode == 0, show(run)
+        tarball = out / "3.1.4" / "agent-3.1.4.tar.gz"
+        listings[flag] = subprocess.run([trees.TAR, "-tzf", str(tarball)], check=True,
+                                        stdout=subprocess.PIPE, text=True).stdout.split()
+        if not flag:
+            assert f"with manager {bam_version()} as dist/manager/backend_ai_manager.py" \
+                in run.stdout, show(run)
+            got = trees.gnu_tree(str(tarball), str(tmp_path / "gnu"))
+            assert got["dist/manager/backend_ai_manager.py"][2] == trees.entry(MANAGER)[2]
+    assert listings[()] == ["dist/", "dist/app.js", "dist/manager/",
+                            "dist/manager/backend_ai_manager.py", "package.json"]
+    assert listings[("--no-manager",)] == ["dist/", "dist/app.js", "package.json"]
+    # A build whose dist/manager is not a folder: refused, with the way out named.
+    (build / "dist" / "manager").write_text("not a folder")
+    run = client("pack", str(build), "--kind", "agent", "--out", str(tmp_path / "bad"))
+    assert run.returncode == 1 and "pack --no-manager" in run.stderr, show(run)
+    assert not (tmp_path / "bad" / "3.1.4").exists()
+
+
+def bam_version():
+    with open(MANAGER, "rb") as f:
+        return re.search(rb'^__version__ = "([^"]+)"', f.read(), re.M).group(1).decode()

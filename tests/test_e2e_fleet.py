@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import fleet_hosts, http_call, started_hosts
+from support import bam, fleet_hosts, http_call, started_hosts
 
 PYTHON = "/usr/bin/python3"
 TOKEN = "fleet-token-0123456789abcdef"
@@ -55,7 +55,10 @@ def test_the_hub_sees_every_agent(fleet):
         assert entry["update"]["state"] == "idle" and entry["rtt_ms"] < 2000
         assert host.service_info()["version"] == "2.0.10"  # the agent's own service, really
     assert body["summary"] == {"total": 5, "reachable": 5, "running": 5,
-                               "versions": {"2.0.10": 5}, "hub_version": "2.0.10", "skew": []}
+                               "versions": {"2.0.10": 5}, "hub_version": "2.0.10", "skew": [],
+                               "manager_versions": {bam.__version__: 5},
+                               "hub_manager": bam.__version__, "manager_skew": []}
+    assert [e["manager"] for e in body["agents"]] == [bam.__version__] * 5
     print(f"\nGET /agents over {len(AGENTS)} real agents: {took * 1000:.0f} ms")
 
 

@@ -19,8 +19,9 @@ from support import Nas, Running, release_files
 class FakeAgent:
     """A listener on (address, 3081) answering every connection with `behaviour`."""
 
-    def __init__(self, address, behaviour, version="2.0.10", token=None):
+    def __init__(self, address, behaviour, version="2.0.10", token=None, manager=None):
         self.address, self.behaviour, self.version, self.token = address, behaviour, version, token
+        self.manager = manager or {"version": bam.__version__, "state": "good"}
         self.requests = []
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -85,7 +86,7 @@ class FakeAgent:
             body, status = body.encode(), b"401 Unauthorized"
         else:
             body = json.dumps({"running": True, "active_state": "active",
-                               "version": self.version,
+                               "version": self.version, "manager": self.manager,
                                "update": {"state": "idle", "version": None, "error": None,
                                           "log": ["not copied"]}}).encode()
             status = b"200 OK"
@@ -109,9 +110,11 @@ def fleet(tmp_path):
     token.write_text("agent-token-0123456789\n")
     agents = {
         "127.0.2.1:3081": FakeAgent("127.0.2.1", "good", token="agent-token-0123456789"),
-        "127.0.2.2:3081": FakeAgent("127.0.2.2", "good", token="agent-token-0123456789"),
+        "127.0.2.2:3081": FakeAgent("127.0.2.2", "good", token="agent-token-0123456789",
+                                    manager={"version": "../x"}),  # not a version: none
         "127.0.2.3:3081": FakeAgent("127.0.2.3", "good", "2.0.11",
-                                    token="agent-token-0123456789"),
+                                    token="agent-token-0123456789",
+                                    manager={"version": "9.1.0", "state": "trial"}),
         "127.0.2.4:3081": None,  # nothing listens: refused
         "127.0.2.5:3081": FakeAgent("127.0.2.5", "silent"),
         "127.0.2.6:3081": FakeAgent("127.0.2.6", "trickle"),
@@ -142,6 +145,8 @@ def test_agents_answers_within_its_deadline_and_says_what_each_agent_did(fleet):
     assert good["reachable"] and good["running"] is True and good["version"] == "2.0.10"
     assert good["update"] == {"state": "idle", "version": None, "error": None}
     assert good["error"] is None and good["rtt_ms"] is not None
+    assert [by_agent[f"127.0.2.{n}:3081"]["manager"] for n in (1, 2, 3, 4)] == [
+        bam.__version__, None, "9.1.0", None]
     expected_errors = {
         "127.0.2.4:3081": (False, "refused"),
         "127.0.2.5:3081": (False, "no answer within 5 s"),
@@ -156,7 +161,9 @@ def test_agents_answers_within_its_deadline_and_says_what_each_agent_did(fleet):
         assert entry["running"] is None and entry["version"] is None
     assert body["summary"] == {
         "total": 9, "reachable": 6, "running": 3, "versions": {"2.0.10": 2, "2.0.11": 1},
-        "hub_version": "2.0.10", "skew": ["127.0.2.3:3081"]}
+        "hub_version": "2.0.10", "skew": ["127.0.2.3:3081"],
+        "manager_versions": {bam.__version__: 1, "9.1.0": 1}, "hub_manager": bam.__version__,
+        "manager_skew": ["127.0.2.3:3081"]}
 
 
 def test_the_agent_token_goes_to_agents(fleet):

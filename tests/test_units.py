@@ -856,3 +856,110 @@ def test_the_client_turns_a_bad_host_and_a_reset_into_its_own_error():
             bam.HttpResponse(ours, b"").read()
     finally:
         ours.close()
+
+
+# --- the manager's own update: the pure decisions ------------------------------------------------
+
+def test_manager_versions_compare_as_dotted_numbers_and_are_read_not_run():
+    key = bam.version_key
+    assert key("0.10.0") > key("0.9.1") > key("0.9") and key("1.2.3-rc1") == key("1.2.3")
+    assert key("0.1.0.1") > key("0.1.0")
+    assert bam.manager_version(b'#!/usr/bin/python3\n__version__ = "1.4.0"\nimport os\n') == "1.4.0"
+    for text in (b'__version__ = "../x"\n', b'x = 1\n', b'  __version__ = "1.0"\n'):
+        assert bam.manager_version(text) is None, text
+
+
+def manager_update(tmp_path, **settings):
+    values = {"role": "agent", "state_dir": str(tmp_path / "state"),
+              "install_dir": str(tmp_path / "install")}
+    values.update(settings)
+    settings = bam.resolve_settings(values, {})
+    return bam.ManagerUpdate(settings, bam.Releases(settings.install_dir, settings.state_dir))
+
+
+def kept(update, version):
+    update.keep(version, f'__version__ = "{version}"\n'.encode())
+
+
+def test_start_point_runs_the_newest_good_of_itself_and_the_kept_one(tmp_path):
+    update = manager_update(tmp_path)
+    assert update.start_point(None) is None  # a first start: this file, now the good one
+    assert update.record["good"] == bam.__version__
+    newer, older = f"{bam.__version__}.5", "0.0.1"
+    kept(update, newer)
+    update.point(newer)
+    assert update.start_point(None) == update.file(newer)
+    assert update.start_point("start") is None  # handed over already: no second hand-over
+    kept(update, older)
+    update.point(older)
+    assert update.start_point(None) is None  # never a downgrade
+    update.point(newer)
+    update.save(failed={newer: "it died"})
+    assert update.start_point(None) is None  # a failed version is not run by itself
+    assert manager_update(tmp_path, manager_updates="off").start_point(None) is None
+
+
+def test_a_trial_that_did_not_end_fails_its_version_and_the_good_one_returns(tmp_path):
+    update = manager_update(tmp_path)
+    good, trial = f"{bam.__version__}.1", f"{bam.__version__}.2"
+    for version in (good, trial):
+        kept(update, version)
+    update.point(trial)
+    update.save(good=good, trial={"version": trial, "from": good, "phase": "trial",
+                                  "serving": time.time() - 3, "trial": 30},
+                self_update={"version": trial, "state": "trial"})
+    assert update.start_point(None) == update.file(good)
+    record = json.loads((tmp_path / "state" / "manager" / "manager.json").read_text())
+    assert record["trial"] is None and record["self_update"]["state"] == "reverted"
+    assert record["failed"][trial].startswith("stopped during its 30 s trial (it began serving 3")
+    assert os.readlink(update.current) == good
+    # Stopped during the hand-over itself: failed too, with its own reason.
+    update.save(trial={"version": f"{trial}.1", "from": good, "phase": "handing over"})
+    update.start_point(None)
+    assert "during the hand-over" in update.record["failed"][f"{trial}.1"]
+
+
+def test_self_test_passes_the_settings_and_checks_the_version(tmp_path):
+    update = manager_update(tmp_path, log_requests="yes", port="3999")
+    assert update.self_test(bam.__file__, bam.__version__) is None
+    assert update.self_test(bam.__file__, "9.9.9") == \
+        f"it says it is {bam.__version__}, not 9.9.9"
+    broken = tmp_path / "broken.py"
+    broken.write_text("def broken(:\n")
+    assert update.self_test(str(broken), "1.0").startswith("exit status 1: SyntaxError")
+    with_bad_setting = manager_update(tmp_path, port="3999")
+    with_bad_setting.settings.sources["port"] = ("99999", "flag")  # as a newer file might refuse
+    assert "exit status 2" in with_bad_setting.self_test(bam.__file__, bam.__version__)
+    assert not os.path.exists(tmp_path / "state" / "manager")  # nothing written
+
+
+def test_pending_is_a_newer_manager_the_current_release_carries_unless_off_or_failed(tmp_path):
+    newer = f"{bam.__version__}.3"
+    release = tmp_path / "state" / "releases" / "000001-2.0.0" / "dist" / "manager"
+    release.mkdir(parents=True)
+    data = f'__version__ = "{newer}"\n'.encode()
+    (release / "backend_ai_manager.py").write_bytes(data)
+    os.symlink("releases/000001-2.0.0", tmp_path / "state" / "current")
+    assert manager_update(tmp_path).pending() == (newer, data)
+    assert manager_update(tmp_path, manager_updates="off").pending() == (None, None)
+    failed = manager_update(tmp_path)
+    failed.record["failed"][newer] = "it died"
+    assert failed.pending() == (None, None)
+    (release / "backend_ai_manager.py").write_bytes(b'__version__ = "0.0.9"\n')
+    assert manager_update(tmp_path).pending() == (None, None)  # older: never a downgrade
+
+
+def test_a_clean_stop_during_a_trial_undoes_it_without_failing_the_version(tmp_path):
+    update = manager_update(tmp_path)
+    good, trial = "0.0.1", bam.__version__  # this process is the one on trial
+    kept(update, good)
+    kept(update, trial)
+    update.point(trial)
+    update.save(good=good, trial={"version": trial, "from": good, "phase": "trial"},
+                self_update={"version": trial, "state": "trial"})
+    update.stopped()
+    assert update.record["trial"] is None and update.record["failed"] == {}
+    assert update.record["self_update"]["state"] == "interrupted"
+    assert os.readlink(update.current) == good
+    update.stopped()  # nothing on trial: nothing changes
+    assert update.record["self_update"]["state"] == "interrupted"
