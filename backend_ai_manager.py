@@ -230,12 +230,15 @@ class CommandResult:
         return f"'{' '.join(self.argv)}' failed: {text}"
 
 
-def run_command(argv, timeout):
-    """Run argv; return a CommandResult. A timeout kills the process group (subprocess only
-    kills the direct child, so grandchildren would survive)."""
+def run_command(argv, timeout, stdin_path=None):
+    """Run argv (its standard input: the file `stdin_path`, or nothing); return a
+    CommandResult. A timeout kills the process group (subprocess only kills the direct child,
+    so grandchildren would survive)."""
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=COMMAND_ENV, start_new_session=True)
+        with open(stdin_path or os.devnull, "rb") as stdin:
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=COMMAND_ENV,
+                                    start_new_session=True)
     except OSError as e:
         return CommandResult(argv, 127, "", f"cannot run {argv[0]}: {e.strerror}", False)
     try:
@@ -492,6 +495,26 @@ def token_file_exposed(path):
     return None
 
 
+def _signers_file(text):
+    """An OpenSSH allowed_signers file, checked with ssh-keygen (which must be there)."""
+    if text == "":
+        return ""
+    if not os.path.isabs(text):
+        raise ValueError("expected an absolute path")
+    try:
+        with open(text, "rb") as f:
+            keys = [line for line in f.read().decode("utf-8", "replace").splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if not keys:
+        raise ValueError("it lists no key: every release would be refused")
+    if not shutil.which("ssh-keygen", path=COMMAND_ENV["PATH"]):
+        raise ValueError("ssh-keygen (OpenSSH, Debian 11 or newer) is not installed: it checks the "
+                         "signatures (apt-get install openssh-client)")
+    return text
+
+
 def _token_file(text):
     if text == "":
         return ""
@@ -679,6 +702,9 @@ OPTIONS = [
     Option("max_file_mb", _int_in(1, 1 << 22), "2048",
            "largest single file of a release accepted"),
     Option("max_members", _int_in(1, 10_000_000), "200000", "most files a release may hold"),
+    Option("release_signers", _signers_file, "",
+           "an OpenSSH allowed_signers file: every release must carry a .sha256.sig by one of "
+           "its keys"),
     Option("manager_updates", _on_off, "on",
            "update this manager from a release that carries a newer one (off: never)"),
     Option("manager_trial", _seconds(86400, lo=1), "30",
@@ -2219,6 +2245,73 @@ def verify_release(tree, version, digest, expected_digest):
         raise ReleaseError("the release has no dist/ folder")
 
 
+# --- signatures: the .sha256 signed with `ssh-keygen -Y sign` (as apt signs its hash list) -----
+SIGN_NAMESPACE = "backend-ai-release"
+SIGN_TIMEOUT = 30
+
+
+def signature_key(signature):
+    """(key fingerprint, namespace) of an armored SSH signature (PROTOCOL.sshsig), read, not
+    checked; None if it is not one. For the messages: ssh-keygen does the checking."""
+    import base64
+    text = signature.decode("ascii", "replace")
+    match = re.search(r"-----BEGIN SSH SIGNATURE-----(.*?)-----END SSH SIGNATURE-----", text, re.S)
+    try:
+        blob = base64.b64decode("".join(match.group(1).split()), validate=True)
+        fields, pos = [], 10  # "SSHSIG" and a version
+        for _ in range(2):  # the public key, the namespace
+            size = int.from_bytes(blob[pos:pos + 4], "big")
+            fields.append(blob[pos + 4:pos + 4 + size])
+            pos += 4 + size
+    except (AttributeError, ValueError):
+        return None
+    if not blob.startswith(b"SSHSIG") or not fields[0]:
+        return None
+    digest = base64.b64encode(hashlib.sha256(fields[0]).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}", fields[1].decode("utf-8", "replace")
+
+
+def check_signature(sums, signature, signers, scratch):
+    """Check `signature` (the .sha256.sig) over `sums` (the .sha256's bytes) against the
+    allowed_signers file `signers` with ssh-keygen: find-principals, then verify. Returns
+    (principal, key fingerprint); raises ReleaseError saying why not."""
+    key = signature_key(signature)
+    if key is None:
+        raise ReleaseError("the release's .sha256.sig is not an SSH signature")
+    fingerprint, namespace = key
+    sums_path = os.path.join(scratch, "release.sha256")
+    sig_path = sums_path + ".sig"
+    _write_file(sums_path, sums, durable=False)
+    _write_file(sig_path, signature, durable=False)
+    found = run_command(["ssh-keygen", "-Y", "find-principals", "-s", sig_path, "-f", signers],
+                        SIGN_TIMEOUT)
+    if not found.ok or not found.out.strip():
+        raise ReleaseError(f"the release is signed by a key that {signers} does not list "
+                           f"({fingerprint})")
+    principal = found.out.split()[0]
+    if namespace != SIGN_NAMESPACE:
+        raise ReleaseError(f"the release's signature by {principal} ({fingerprint}) is for "
+                           f"{namespace!r}, not {SIGN_NAMESPACE!r}")
+    checked = run_command(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principal, "-n",
+                           SIGN_NAMESPACE, "-s", sig_path], SIGN_TIMEOUT, sums_path)
+    if not checked.ok:
+        said = (checked.err.strip() or checked.out.strip() or "no reason given").splitlines()
+        raise ReleaseError(f"the release's signature by {principal} ({fingerprint}) does not "
+                           f"hold: {_text(said[-1], 200)}")
+    return principal, fingerprint
+
+
+def sign_file(path, key):
+    """`ssh-keygen -Y sign` of `path` with the private key file `key` (a passphrase is asked on
+    the terminal; with ssh-agent, `key` may be the public key); writes path.sig."""
+    _remove(path + ".sig")
+    result = subprocess.run(["ssh-keygen", "-Y", "sign", "-f", key, "-n", SIGN_NAMESPACE, path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+    if result.returncode != 0 or not os.path.isfile(path + ".sig"):
+        said = (result.stderr or result.stdout).decode("utf-8", "replace").strip()
+        raise ClientError(f"ssh-keygen could not sign with {key}: {_text(said, 300)}")
+
+
 # --- pack: a release tarball of a build, reproducibly ------------------------------------------
 def _pax_record(key, value):
     text = f" {key}={value}\n".encode("utf-8", "surrogateescape")
@@ -2318,12 +2411,13 @@ def with_manager(entries, manager):
     return sorted(entries, key=lambda e: e[0].rstrip("/").split("/"))
 
 
-def pack_release(build, kind, out, say=print, manager=None):
+def pack_release(build, kind, out, say=print, manager=None, sign=None):
     """Write OUT/V/KIND-V.tar.gz and its .sha256 from the build folder (V from its
     package.json): sorted names, owner 0, modes 0755/0644, time 0, gzip without a name or time,
     so the same build gives the same bytes. `manager`: a manager file that rides along as
-    MANAGER_IN_RELEASE. Checks the tarball with the manager's own extractor before it replaces
-    anything; returns the tarball's path and SHA-256."""
+    MANAGER_IN_RELEASE; `sign`: a key that signs the .sha256 (sign_file). Checks the tarball
+    with the manager's own extractor before it replaces anything; returns the tarball's path
+    and SHA-256."""
     build = os.path.abspath(build)
     try:
         version, package_name = read_package_json(os.path.join(build, "package.json"))
@@ -2389,13 +2483,20 @@ def pack_release(build, kind, out, say=print, manager=None):
         say("checked: the manager's extractor unpacks exactly the build")
         for warning in pack_limits(entries, os.path.getsize(temp)):
             say(f"warning: {warning}")
-        if os.path.lexists(f"{target}.sha256"):
-            os.unlink(f"{target}.sha256")  # never a new tarball beside an old checksum
-        os.replace(temp, target)
-        _write_file(f"{target}.sha256",
+        _write_file(f"{temp}.sha256",
                     f"{digest.hexdigest()}  {os.path.basename(target)}\n".encode())
+        if sign:
+            sign_file(f"{temp}.sha256", sign)
+            say(f"signed: {target}.sha256.sig (ssh-keygen -Y sign, namespace {SIGN_NAMESPACE})")
+        for suffix in (".sha256", ".sha256.sig"):  # never a new tarball beside an old checksum
+            _remove(f"{target}{suffix}")
+        os.replace(temp, target)
+        if sign:
+            os.replace(f"{temp}.sha256.sig", f"{target}.sha256.sig")
+        os.replace(f"{temp}.sha256", f"{target}.sha256")
     finally:
-        _remove(temp)
+        for suffix in ("", ".sha256", ".sha256.sig"):
+            _remove(temp + suffix)
         if made and not os.listdir(folder):
             os.rmdir(folder)  # a failed pack leaves nothing behind
     return target, digest.hexdigest()
@@ -2949,6 +3050,7 @@ class Updater:
         self.releases = releases
         self.job = JobRecord(settings.state_dir, "update", WORKING_STATES)
         self.manager = ManagerUpdate(settings, releases)
+        self.manager.signed = self.signed
 
     def view(self, summary=False, wait=True):
         return self.job.view(SUMMARY_FIELDS if summary else None, wait)
@@ -3017,7 +3119,7 @@ class Updater:
         deadline = time.monotonic() + s.download_timeout
         per_op = max(1.0, min(30.0, s.download_timeout))
         self.job.set(DOWNLOADING, f"downloading {url}")
-        expected = self._checksum(url, per_op, deadline)
+        expected = self._checksum(url, per_op, deadline, staging)
         flusher = Flusher(staging)  # before anything is written: see Flusher
         try:
             try:
@@ -3044,16 +3146,36 @@ class Updater:
         finally:
             flusher.close()
 
-    def _checksum(self, url, timeout, deadline):
+    def _checksum(self, url, timeout, deadline, scratch):
+        """The digest the .sha256 names (None if there is none and none is required). With
+        --release-signers, the .sha256 must carry a valid .sha256.sig by an allowed key."""
+        signers = self.settings.release_signers
         try:
             with open_url(url + ".sha256", timeout, deadline) as response:
-                text = response.read(4096).decode("ascii", "replace")
+                sums = response.read(4096)
         except NoSuchRelease:
-            if self.settings.require_checksum:
-                raise ReleaseError(f"no checksum file {url}.sha256 and --require-checksum "
+            if self.settings.require_checksum or signers:
+                raise ReleaseError(f"no checksum file {url}.sha256, and --"
+                                   f"{'release-signers' if signers else 'require-checksum'} "
                                    "is set") from None
             return None
-        return parse_checksum(text)
+        if signers:
+            try:
+                with open_url(url + ".sha256.sig", timeout, deadline) as response:
+                    signature = response.read(16384)
+            except NoSuchRelease:
+                raise ReleaseError(f"no signature {url}.sha256.sig, and --release-signers is "
+                                   "set: only signed releases are installed") from None
+            principal, key = check_signature(sums, signature, signers, scratch)
+            self.job.set(message=f"signed by {principal} ({key})",
+                         signed={"principal": principal, "key": key})
+        return parse_checksum(sums.decode("ascii", "replace"))
+
+    def signed(self):
+        """Whether the current release was installed by an update whose signature held."""
+        current = self.releases.current_id()
+        return bool(self.job.get("signed")) and self.job.get("action") == "update" and \
+            current is not None and self.releases.version_of(current) == self.job.get("version")
 
     def _install(self, tree=None, target=None):
         """swapping, restarting, checking: add a fetched tree (or take kept release `target`),
@@ -3244,6 +3366,7 @@ class ManagerUpdate:
         self.lock = threading.Lock()  # checking that no job runs and starting one: one step
         self.active = False
         self.blockers = []  # more callables saying "a job runs" (the hub's rollout)
+        self.signed = lambda: False  # the Updater's: was the current release's signature checked
         self.hand_over = None  # serve()'s: drain the server, exec a file; never returns
 
     # --- the store and its record
@@ -3289,7 +3412,8 @@ class ManagerUpdate:
                 "state": ON_TRIAL if trial.get("version") == __version__ else GOOD,
                 "previous": self.record.get("previous"), "failed": dict(self.record["failed"]),
                 "self_update": self.record.get("self_update"),
-                "updates": "on" if self.settings.manager_updates else "off"}
+                "updates": "on" if self.settings.manager_updates else "off",
+                "release_signers": self.settings.release_signers or None}
 
     # --- at start
     def start_point(self, handed_over):
@@ -3369,6 +3493,8 @@ class ManagerUpdate:
         except OSError:
             return None, None
         version = manager_version(data)
+        if self.settings.release_signers and not self.signed():
+            return None, None  # with signers, a manager comes only from a checked release
         if not self.settings.manager_updates or version is None or \
                 version_key(version) <= version_key(__version__) or \
                 version in self.record["failed"]:
@@ -4961,6 +5087,10 @@ def describe_status(answer):
                f"{update.get('version') or ''}".rstrip()
         lines.append(text + (f": {update['error']}" if update.get("error") else ""))
     manager = answer.get("manager") or {}
+    if "release_signers" in manager:
+        signers = manager["release_signers"]
+        lines.append(f"releases: signed, checked against {signers}" if signers else
+                     "releases: not signed (no --release-signers)")
     if manager:
         hardening = f", hardening: {manager['hardening']}" if manager.get("hardening") else ""
         lines.append(f"manager: {manager.get('version')} ({manager.get('role')}, "
@@ -4977,10 +5107,10 @@ def run_client(args):
     """One client command; returns its exit status."""
     if args.command == "pack":
         try:
-            path, digest = pack_release(args.build_dir, args.kind, args.out,
-                                        say=lambda line: print(line, file=sys.stderr
-                                                               if args.json else sys.stdout),
-                                        manager=os.path.abspath(__file__) if args.manager else None)
+            path, digest = pack_release(
+                args.build_dir, args.kind, args.out,
+                say=lambda line: print(line, file=sys.stderr if args.json else sys.stdout),
+                manager=os.path.abspath(__file__) if args.manager else None, sign=args.sign)
         except ClientError as e:
             print(f"backend_ai_manager.py pack: error: {e.message}", file=sys.stderr)
             return e.code
@@ -5075,6 +5205,8 @@ def build_parser():
     pack.add_argument("--kind", choices=("hub", "agent"), required=True)
     pack.add_argument("--out", required=True, metavar="NAS_ROOT")
     pack.add_argument("--json", action="store_true", help="print the result as JSON")
+    pack.add_argument("--sign", metavar="KEY", help="also write .sha256.sig, signed with this "
+                      "OpenSSH key (ssh-keygen -Y sign)")
     pack.add_argument("--no-manager", dest="manager", action="store_false",
                       help=f"leave this manager out (by default it rides along as "
                       f"{MANAGER_IN_RELEASE})")

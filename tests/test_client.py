@@ -808,3 +808,32 @@ def test_pack_carries_this_manager_unless_no_manager(tmp_path):
 def bam_version():
     with open(MANAGER, "rb") as f:
         return re.search(rb'^__version__ = "([^"]+)"', f.read(), re.M).group(1).decode()
+
+
+def test_pack_sign_writes_a_signature_and_never_leaves_an_old_one(tmp_path):
+    build = tmp_path / "build"
+    (build / "dist").mkdir(parents=True)
+    (build / "dist" / "app.js").write_text("app")
+    (build / "package.json").write_text('{"name": "x", "version": "3.1.5"}')
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    out = tmp_path / "nas"
+    tarball = out / "3.1.5" / "agent-3.1.5.tar.gz"
+    # A key that cannot sign: refused, with ssh-keygen's words, and nothing written.
+    run = client("pack", str(build), "--kind", "agent", "--out", str(out), "--sign",
+                 str(tmp_path / "no-such-key"))
+    assert run.returncode == 1 and "ssh-keygen could not sign" in run.stderr, show(run)
+    assert not (out / "3.1.5").exists()
+    run = client("pack", str(build), "--kind", "agent", "--out", str(out), "--sign", str(key))
+    assert run.returncode == 0, show(run)
+    allowed = tmp_path / "allowed"
+    allowed.write_text(f"me {(tmp_path / 'key.pub').read_text()}")
+    with open(f"{tarball}.sha256", "rb") as sums:
+        check = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "me",
+                                "-n", "backend-ai-release", "-s", f"{tarball}.sha256.sig"],
+                               stdin=sums, stdout=subprocess.PIPE, text=True)
+    assert check.returncode == 0 and check.stdout.startswith("Good"), check.stdout
+    # Packed again without --sign: the old signature goes with the old checksum.
+    run = client("pack", str(build), "--kind", "agent", "--out", str(out))
+    assert run.returncode == 0, show(run)
+    assert sorted(os.listdir(out / "3.1.5")) == ["agent-3.1.5.tar.gz", "agent-3.1.5.tar.gz.sha256"]

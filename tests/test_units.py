@@ -963,3 +963,12 @@ def test_a_clean_stop_during_a_trial_undoes_it_without_failing_the_version(tmp_p
     assert os.readlink(update.current) == good
     update.stopped()  # nothing on trial: nothing changes
     assert update.record["self_update"]["state"] == "interrupted"
+
+
+def test_a_signature_file_that_is_not_an_ssh_signature_is_refused_before_ssh_keygen(tmp_path):
+    armored = b"-----BEGIN SSH SIGNATURE-----\n!!\n-----END SSH SIGNATURE-----"
+    for junk in (b"", b"garbage", armored):
+        with pytest.raises(bam.ReleaseError, match="is not an SSH signature"):
+            bam.check_signature(b"0" * 64, junk, "/nonexistent", str(tmp_path))
+    assert bam.signature_key(b"-----BEGIN SSH SIGNATURE-----\nU1NIU0lH\n"
+                             b"-----END SSH SIGNATURE-----") is None  # "SSHSIG", no key
