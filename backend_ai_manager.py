@@ -3050,7 +3050,7 @@ class Updater:
         self.releases = releases
         self.job = JobRecord(settings.state_dir, "update", WORKING_STATES)
         self.manager = ManagerUpdate(settings, releases)
-        self.manager.signed = self.signed
+        self.manager.signed, self.manager.busy = self.signed, self.busy
 
     def view(self, summary=False, wait=True):
         return self.job.view(SUMMARY_FIELDS if summary else None, wait)
@@ -3107,7 +3107,7 @@ class Updater:
                 shutil.rmtree(staging, ignore_errors=True)
             if then is not None:
                 then(self.job.state)
-            self.manager.offer(self.busy)  # between jobs: the manager's own update, if due
+            self.manager.offer()  # between jobs: the manager's own update, if due
 
     # --- the phases
     def _fetch(self, version, staging):
@@ -3349,13 +3349,17 @@ class Updater:
 # start point: each start settles a trial that did not end (that version failed) and hands over
 # to the newest good of itself and `current` (start_point()).
 SELF_TEST_TIMEOUT = 10
-HANDOVER_ENV, LISTEN_FD_ENV = "BACKEND_AI_HANDOVER", "BACKEND_AI_LISTEN_FD"
-TESTING, HANDING_OVER, ON_TRIAL, GOOD, REFUSED, REVERTED, INTERRUPTED = (
-    "testing", "handing over", "trial", "good", "refused", "reverted", "interrupted")
+HANDOVER_ENV, LISTEN_FD_ENV, LOCK_FD_ENV = (
+    "BACKEND_AI_HANDOVER", "BACKEND_AI_LISTEN_FD", "BACKEND_AI_LOCK_FD")
+TESTING, HANDING_OVER, EXECUTING, ON_TRIAL, GOOD, REFUSED, REVERTED, INTERRUPTED = (
+    "testing", "handing over", "executing", "trial", "good", "refused", "reverted",
+    "interrupted")
+HANDOVER_LIMIT = 60  # seconds from the exec to serving, or SIGALRM ends the new manager
 
 
 class ManagerUpdate:
-    """The store, the record and the self-update itself (see the comment above)."""
+    """The store, the record and the self-update itself (see the comment above). The record is
+    changed under one lock (the self-update, the trial's timer and a stop may overlap)."""
 
     def __init__(self, settings, releases):
         self.settings, self.releases = settings, releases
@@ -3363,11 +3367,14 @@ class ManagerUpdate:
         self.path = os.path.join(self.dir, "manager.json")
         self.current = os.path.join(self.dir, "current")
         self.record = {"failed": {}}
+        self.record_lock = threading.RLock()
         self.lock = threading.Lock()  # checking that no job runs and starting one: one step
-        self.active = False
+        self.active = self.closing = False
+        self.busy = lambda: False  # the Updater's: a job runs
         self.blockers = []  # more callables saying "a job runs" (the hub's rollout)
+        self.requests = lambda: 0  # serve()'s: requests in progress (a hand-over waits for them)
         self.signed = lambda: False  # the Updater's: was the current release's signature checked
-        self.hand_over = None  # serve()'s: drain the server, exec a file; never returns
+        self.hand_over = None  # serve()'s: drain the server and exec a file; never returns
 
     # --- the store and its record
     def load(self):
@@ -3383,9 +3390,14 @@ class ManagerUpdate:
         return self.record
 
     def save(self, **fields):
-        self.record.update(fields)
-        os.makedirs(self.dir, 0o755, exist_ok=True)
-        _write_file(self.path, json.dumps(self.record, indent=1).encode())
+        with self.record_lock:
+            self.record.update(fields)
+            os.makedirs(self.dir, 0o755, exist_ok=True)
+            _write_file(self.path, json.dumps(self.record, indent=1).encode())
+
+    def last(self, **fields):
+        """The record's self_update (the last attempt) with `fields` changed."""
+        return dict(self.record.get("self_update") or {}, **fields)
 
     def file(self, version):
         return os.path.join(self.dir, version, "backend_ai_manager.py")
@@ -3406,83 +3418,108 @@ class ManagerUpdate:
             os.replace(temp, self.current)
         _fsync_dir(self.dir)
 
+    def point_to_good(self):
+        good = self.record.get("good")
+        self.point(good if good and os.path.isfile(self.file(good)) else None)
+
     def view(self):
         trial = self.record.get("trial") or {}
         return {"version": __version__, "role": self.settings.role,
                 "state": ON_TRIAL if trial.get("version") == __version__ else GOOD,
-                "previous": self.record.get("previous"), "failed": dict(self.record["failed"]),
-                "self_update": self.record.get("self_update"),
+                "previous": self.record.get("previous"),
+                "failed": dict(self.record["failed"]), "self_update": self.record.get("self_update"),
                 "updates": "on" if self.settings.manager_updates else "off",
                 "release_signers": self.settings.release_signers or None}
 
     # --- at start
     def start_point(self, handed_over):
-        """Settle the record at start; returns the stored file to hand over to, or None to run
+        """Settle the record at start; returns the kept file to hand over to, or None to run
         this one. `handed_over`: this process was exec'd by a manager ("trial": a
         self-update's; "start": the start point's)."""
         record = self.load()
-        trial = record.get("trial")
+        trial, starting = record.get("trial"), record.get("starting")
         if handed_over == "trial" and trial and trial.get("version") == __version__:
             return None
-        if trial:  # the manager on trial did not last: the last good one comes back
-            reason = ("stopped during the hand-over, before it served (it did not start or "
-                      "missed READY)" if trial.get("phase") == HANDING_OVER else
+        if trial and trial.get("phase") == HANDING_OVER:  # it never ran: try it again
+            self.point_to_good()
+            self.save(trial=None, self_update=self.last(
+                state=INTERRUPTED, error="the old manager stopped before the hand-over"))
+        elif trial:  # the manager on trial did not last: the last good one comes back
+            reason = ("it did not start serving (it failed at start or missed READY)"
+                      if trial.get("phase") == EXECUTING else
                       f"stopped during its {trial.get('trial', 0):g} s trial (it began serving "
                       f"{time.time() - trial.get('serving', 0):.0f} s before this start)")
-            log.error("manager %s failed on trial: %s; back to %s", trial["version"], reason,
-                      record.get("good") or __version__)
-            record["failed"][trial["version"]] = reason
-            good = record.get("good")
-            self.point(good if good and os.path.isfile(self.file(good)) else None)
-            self.save(trial=None, self_update=dict(record.get("self_update") or {},
-                                                   state=REVERTED, error=reason))
-        if handed_over or not self.settings.manager_updates:
-            stored = None
-        else:
+            self._failed(trial["version"], reason, REVERTED, trial=None)
+        elif starting and not handed_over:  # the kept manager handed over to at start died
+            self._failed(starting, "it stopped before it served, started as the kept manager",
+                         REVERTED, starting=None)
+        stored = None
+        if not handed_over and self.settings.manager_updates:
             try:
                 stored = os.readlink(self.current)
             except OSError:
-                stored = None
+                pass
         if stored and stored not in record["failed"] and os.path.isfile(self.file(stored)) \
                 and version_key(stored) > version_key(__version__):
+            self.save(starting=stored)
             return self.file(stored)
         if record.get("good") != __version__:  # a first start, or a newer file copied by hand
             self.save(good=__version__, previous=record.get("good"))
         return None
 
+    def _failed(self, version, reason, state, **fields):
+        log.error("manager %s failed: %s; back to %s", version, reason,
+                  self.record.get("good") or __version__)
+        with self.record_lock:
+            self.record["failed"][version] = reason
+            self.point_to_good()
+            self.save(self_update=self.last(state=state, error=reason), **fields)
+
     def serving(self):
         """Called once this manager serves: a manager on trial starts its clock."""
-        trial = self.record.get("trial")
-        if trial and trial.get("version") == __version__:
-            self.save(trial=dict(trial, phase=ON_TRIAL, serving=time.time(),
-                                 trial=self.settings.manager_trial),
-                      self_update=dict(self.record.get("self_update") or {}, state=ON_TRIAL))
-            timer = threading.Timer(self.settings.manager_trial, self._passed)
-            timer.daemon = True
-            timer.start()
+        signal.alarm(0)  # the hand-over's limit for getting here (see serve())
+        with self.record_lock:
+            trial = self.record.get("trial")
+            if self.record.get("starting") == __version__:
+                self.save(starting=None)
+            if trial and trial.get("version") == __version__:
+                self.save(trial=dict(trial, phase=ON_TRIAL, serving=time.time(),
+                                     trial=self.settings.manager_trial),
+                          self_update=self.last(state=ON_TRIAL))
+                timer = threading.Timer(self.settings.manager_trial, self._passed)
+                timer.daemon = True
+                timer.start()
+
+    def executing(self):
+        """The hand-over's last record before exec: from now on a stop is the new version's."""
+        self.save(trial=dict(self.record["trial"], phase=EXECUTING))
 
     def stopped(self):
         """A clean stop during a hand-over or a trial is not the new version's failure: it is
         undone, the last good manager runs at the next start, and that one tries again."""
-        trial = self.record.get("trial")
-        if trial and __version__ in (trial.get("version"), trial.get("from")):
-            good = self.record.get("good")
-            self.point(good if good and os.path.isfile(self.file(good)) else None)
-            self.save(trial=None, self_update=dict(
-                self.record.get("self_update") or {}, state=INTERRUPTED,
-                error="the manager was stopped during the hand-over or the trial; tried again "
-                      "at the next start"))
+        with self.record_lock:
+            self.closing = True  # no hand-over from now on
+            trial = self.record.get("trial")
+            if trial and __version__ in (trial.get("version"), trial.get("from")):
+                self.point_to_good()
+                self.save(trial=None, self_update=self.last(
+                    state=INTERRUPTED, error="the manager was stopped during the hand-over or "
+                    "the trial; tried again at the next start"))
 
     def _passed(self):
-        trial = self.record["trial"]
-        self.save(good=__version__, previous=trial.get("from"), trial=None,
-                  self_update=dict(self.record.get("self_update") or {}, state=GOOD))
+        with self.record_lock:
+            trial = self.record.get("trial")
+            if self.closing or not trial or trial.get("version") != __version__:
+                return
+            self.save(good=__version__, previous=trial.get("from"), trial=None,
+                      self_update=self.last(state=GOOD))
         for name in os.listdir(self.dir):  # keep this version and the previous one
             path = os.path.join(self.dir, name)
             if name not in (__version__, trial.get("from")) and os.path.isdir(path) and \
                     not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
         log.info("manager %s passed its trial of %g s", __version__, self.settings.manager_trial)
+        self.offer()  # a job may have ended during the trial
 
     # --- between jobs
     def pending(self):
@@ -3506,14 +3543,18 @@ class ManagerUpdate:
         if self.active:
             raise Busy("the manager is updating itself; try again in a few seconds")
 
-    def offer(self, busy):
-        """Between jobs: start the self-update if the current release carries a newer manager
-        and no job (busy(), blockers) runs."""
-        if self.hand_over is None or self.pending()[0] is None:
+    def offer(self):
+        """Between jobs: start the self-update if the current release carries a newer manager,
+        no job (busy(), blockers) runs, and this manager is not on trial itself."""
+        if self.hand_over is None or self.record.get("trial") or self.pending()[0] is None:
             return
         with self.lock:
-            if self.active or busy() or any(blocked() for blocked in self.blockers):
-                return
+            if self.active or self.busy() or any(blocked() for blocked in self.blockers):
+                return  # the end of that job offers again
+            if self.requests():
+                timer = threading.Timer(0.5, self.offer)  # soon: a request ends in seconds
+                timer.daemon = True
+                return timer.start()
             self.active = True
         threading.Thread(target=self._update, name="self-update", daemon=True).start()
 
@@ -3523,37 +3564,37 @@ class ManagerUpdate:
             version, data = self.pending()
             if version is not None:
                 self._attempt(version, data)
-        except Exception as e:
+        except Exception as e:  # not the new version's fault: tried again after the next job
             log.exception("manager self-update failed")
-            self._refuse(version, f"internal error: {describe(e)}")
+            self.save(self_update=self.last(state=INTERRUPTED, error=f"internal error: "
+                                            f"{describe(e)}; tried again after the next job"))
         finally:
             self.active = False
-
-    def _refuse(self, version, reason):
-        log.error("manager %s refused: %s; %s keeps running", version, reason, __version__)
-        self.record["failed"][version] = reason
-        self.save(self_update=dict(self.record.get("self_update") or {}, state=REFUSED,
-                                   error=reason))
 
     def _attempt(self, version, data):
         self.save(self_update={"version": version, "from": __version__, "state": TESTING,
                                "error": None, "at": utc_now()})
-        log.info("the current release carries manager %s: self-test", version)
-        release_file = os.path.join(self.releases.current_link, MANAGER_IN_RELEASE)
-        problem = self.self_test(release_file, version)
-        if problem:
-            return self._refuse(version, f"its self-test failed: {problem}")
-        failpoint("manager-tested")
         with open(__file__, "rb") as f:
             mine = f.read()
         if manager_version(mine) == __version__ and not os.path.isfile(self.file(__version__)):
             self.keep(__version__, mine)  # the previous version, kept
-        self.keep(version, data)
+        self.keep(version, data)  # the self-test runs the very bytes that will run
         failpoint("manager-stored")
-        self.save(trial={"version": version, "from": __version__, "phase": HANDING_OVER,
-                         "since": utc_now()},
-                  self_update=dict(self.record["self_update"], state=HANDING_OVER))
-        self.point(version)
+        log.info("the current release carries manager %s: self-test", version)
+        problem = self.self_test(self.file(version), version)
+        if problem:
+            shutil.rmtree(os.path.dirname(self.file(version)), ignore_errors=True)
+            reason = f"its self-test failed: {problem}"
+            log.error("manager %s refused: %s; %s keeps running", version, reason, __version__)
+            self.record["failed"][version] = reason
+            return self.save(self_update=self.last(state=REFUSED, error=reason))
+        failpoint("manager-tested")
+        with self.record_lock:
+            if self.closing:
+                return
+            self.save(trial={"version": version, "from": __version__, "phase": HANDING_OVER,
+                             "since": utc_now()}, self_update=self.last(state=HANDING_OVER))
+            self.point(version)
         log.info("manager %s self-tested and kept: handing over to it", version)
         self.hand_over(self.file(version))
 
@@ -4440,8 +4481,13 @@ class Server:
         except OSError:
             return None
         sock.set_inheritable(False)
-        if sock.getsockname()[:2] == (settings.bind, settings.port):
-            return sock
+        host, port = sock.getsockname()[:2]
+        try:
+            if (ipaddress.ip_address(host), port) == (ipaddress.ip_address(settings.bind),
+                                                      settings.port):
+                return sock
+        except ValueError:
+            pass
         sock.close()  # the settings changed: listen anew
         return None
 
@@ -5497,7 +5543,9 @@ def lock_state_dir(state_dir):
     import fcntl
     os.makedirs(state_dir, 0o755, exist_ok=True)
     path = os.path.join(state_dir, "lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    fd = _handed_lock(path)  # a manager handing over to this one passed its lock on
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -5509,6 +5557,20 @@ def lock_state_dir(state_dir):
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _handed_lock(path):
+    fd = os.environ.pop(LOCK_FD_ENV, "")
+    if not fd.isdigit():
+        return None
+    try:
+        held, st = os.fstat(int(fd)), os.stat(path)
+    except OSError:
+        return None
+    if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+        return None  # not our lock: leave that descriptor alone
+    os.set_inheritable(int(fd), False)
+    return int(fd)
 
 
 def lock_holder(state_dir):
@@ -5582,10 +5644,13 @@ def raise_file_limit(settings):
     return settings.max_connections
 
 
-def hand_over(path, argv, environ):
-    """Replace this process (same PID) with the manager at `path`: `python3 -c LAUNCH path`."""
+def hand_over(path, argv, environ, lock):
+    """Replace this process (same PID) with the manager at `path`: `python3 -c LAUNCH path`.
+    The state dir's lock goes along (flock(2) belongs to the open file, which stays open)."""
     for handler in log.handlers:
         handler.flush()
+    os.set_inheritable(lock, True)
+    environ = dict(environ, **{LOCK_FD_ENV: str(lock)})
     try:
         os.execve(sys.executable, [sys.executable, "-c", LAUNCH, path] + argv, environ)
     except OSError as e:  # the next start settles it (the trial record says how far it got)
@@ -5611,7 +5676,7 @@ def serve(settings, argv=("serve",)):
     # manager was started with, what it writes is readable by all (the unit sets UMask=0022).
     os.umask(0o022)
     try:
-        lock = lock_state_dir(settings.state_dir)  # noqa: F841 (held until the process ends)
+        lock = lock_state_dir(settings.state_dir)  # held until the process ends
         for path in (settings.token_file, getattr(settings, "agent_token_file", "")):
             warning = path and token_file_exposed(path)
             if warning:  # after the lock: a second serve says one line, the lock's
@@ -5619,7 +5684,7 @@ def serve(settings, argv=("serve",)):
         stored = updater.manager.start_point(os.environ.pop(HANDOVER_ENV, None))
         if stored:
             log.info("handing over to the kept manager %s", stored)
-            hand_over(stored, argv, dict(os.environ, **{HANDOVER_ENV: "start"}))
+            hand_over(stored, argv, dict(os.environ, **{HANDOVER_ENV: "start"}), lock)
         updater.recover()
     except StateDirLocked as e:
         log.error("%s", e.message)
@@ -5638,7 +5703,7 @@ def serve(settings, argv=("serve",)):
         rollout = Rollout(settings)
         rollout.recover(updater.job.state, installed_version_or_none(settings))
         updater.manager.blockers.append(rollout.running)
-        rollout.ended = lambda: updater.manager.offer(updater.busy)  # the hub's, after it
+        rollout.ended = updater.manager.offer  # the hub's own manager, after the rollout
     api = Api(settings, systemd, updater, rollout)
     try:
         server = Server(settings, api, raise_file_limit(settings))
@@ -5659,30 +5724,37 @@ def serve(settings, argv=("serve",)):
     log.info("backend-ai-manager %s (%s) controls %s on %s:%d", __version__, settings.role,
              settings.service, settings.bind, settings.port)
     release_free_memory()
-    sd_notify("READY=1\nSTATUS=listening")  # only now: the socket listens (Type=notify)
+    # Only now: the socket listens (Type=notify). The watchdog's first ping too: after a
+    # hand-over systemd counts from the old manager's last one.
+    sd_notify("READY=1\nSTATUS=listening\nWATCHDOG=1")
     Watchdog(server, stop).start()
 
     def hand_over_to(path):  # the self-update's last step: the main thread does the exec
-        server.drain()
+        server.drain(settings.command_timeout + server.WRITE_TIMEOUT)  # the longest request
         handover.append(path)
         stop.set()
         threading.Event().wait()
     updater.manager.hand_over = hand_over_to
+    updater.manager.requests = lambda: server.jobs.unfinished_tasks
     updater.manager.serving()
-    updater.manager.offer(updater.busy)  # a release carrying a newer manager may be current
+    updater.manager.offer()  # a release carrying a newer manager may be current
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     stop.wait()
     if handover and not signalled.is_set():
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if not signalled.is_set():  # (a handler that ran before the block has set it)
             server.shutdown(grace=5)
-            sd_notify(f"RELOADING=1\nSTATUS=handing over to {handover[0]}\n"
+            sd_notify(f"RELOADING=1\nSTATUS=handing over to {handover[0]}\nWATCHDOG=1\n"
                       f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             failpoint("manager-handover")
+            updater.manager.executing()
+            failpoint("manager-exec")
             os.set_inheritable(server.listener.fileno(), True)
+            signal.alarm(HANDOVER_LIMIT)  # kept through exec: a new manager that hangs ends
             hand_over(handover[0], argv, dict(os.environ, **{
-                HANDOVER_ENV: "trial", LISTEN_FD_ENV: str(server.listener.fileno())}))
+                HANDOVER_ENV: "trial", LISTEN_FD_ENV: str(server.listener.fileno())}), lock)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    updater.manager.stopped()  # first: no hand-over starts after this
     log.info("stopping: finishing requests in progress")
     sd_notify("STOPPING=1")
     server.shutdown()
@@ -5690,7 +5762,6 @@ def serve(settings, argv=("serve",)):
     if updater.busy():
         log.warning("an %s was in progress; the next start will recover it",
                     updater.job.get("action"))
-    updater.manager.stopped()
     return 0
 
 

@@ -94,10 +94,21 @@ def wait_manager_state(host, check, timeout=60):
 
 
 def update(host, version):
-    """The service's own update, which must succeed and install exactly the release."""
+    """The service's own update, which must succeed and install exactly the release. (The
+    manager may hand over, or be killed by a test's failpoint, right after it: no answer for a
+    moment is fine.)"""
     status, answer = host.api("POST", "/update", {"version": version})
     assert status == 200, answer
-    record = host.wait_update()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            record = host.api("GET", "/update", timeout=5)[1]
+        except OSError:
+            record = {"state": "no answer"}
+        if record["state"] in ("succeeded", "failed", "rolled_back"):
+            break
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
     assert record["state"] == "succeeded", record
     host.assert_installed(version)
     return record
@@ -217,9 +228,11 @@ def test_a_newer_file_copied_by_hand_wins_after_a_restart(self_host):
     host.wait_manager()
     view = wait_manager_state(host, lambda m: m["version"] == V4)
     assert view["state"] == "good" and view["previous"] == V1
-    update(host, "2.0.12")  # a release carrying an older manager: never a downgrade
+    older = f"{BASE}.3.5"  # older than V4, and never failed
+    publish_with(host, "2.0.15", manager_variant(older))
+    assert update(host, "2.0.15")["manager_update"] is None  # never a downgrade
     time.sleep(1)
-    assert manager(host)["version"] == V4
+    assert manager(host)["version"] == V4 and older not in manager(host)["failed"]
 
 
 # --- kill -9 at each step of a self-update: it always comes back as a good manager -----------
@@ -249,8 +262,10 @@ def assert_records_agree(host):
     return view
 
 
-KILLS = [("manager-tested", "good"), ("manager-stored", "good"),
-         ("manager-handover", "failed"), ("on trial", "failed"),
+KILLS = [("manager-stored", "good"), ("manager-tested", "good"),
+         ("manager-handover", "good"),  # before the exec: it never ran, so it is tried again
+         ("manager-exec", "failed"),  # exec'd: a death before serving is the new version's
+         ("on trial", "failed"),
          ("restart on trial", "good")]  # a clean stop is not a failure: tried again
 
 
@@ -272,16 +287,41 @@ def test_kill_at_each_step_of_a_self_update(self_host, step, outcome):
             assert host.sandbox.run(["kill", "-9", str(pid)]).returncode == 0
     wait_pid_change(host, pid)
     host.restart_manager(BACKEND_AI_FAILPOINT=None)
+    # The end: the new version good (tried again after the kill), or failed and reverted.
+    wait_manager_state(host, lambda m: m["version"] == version if outcome == "good"
+                       else version in m["failed"], timeout=TRIAL + 40)
     view = assert_records_agree(host)
-    if outcome == "good":  # killed before the hand-over: tried again at the next start
+    if outcome == "good":
         assert view["version"] == version and version not in view["failed"], view
     else:
         assert view["version"] == before and version in view["failed"], view
-        words = "during the hand-over" if step == "manager-handover" else "trial"
+        words = "did not start serving" if step == "manager-exec" else "trial"
         assert words in view["failed"][version], view
     host.assert_installed(release)
     assert host.service_info()["version"] == release
 
+
+
+def test_a_kept_manager_that_dies_at_start_is_failed_and_the_unit_file_serves(self_host):
+    """A kept version that passed its trial once but no longer starts (a Python upgrade broke
+    it, its file was damaged): the start point's hand-over to it fails once, not forever."""
+    host = self_host
+    good = manager(host)["version"]
+    broken = f"{BASE}.90"
+    os.makedirs(store(host, broken))
+    with open(store(host, broken, "backend_ai_manager.py"), "wb") as f:
+        f.write(manager_variant(broken, "raise SystemExit(3)"))
+    os.symlink(broken, store(host, "current.new"))
+    os.replace(store(host, "current.new"), store(host, "current"))
+    # This start fails (the kept manager exits before READY); systemd starts the unit again.
+    assert host.sandbox.systemctl("restart", host.MANAGER_UNIT).returncode != 0
+    view = wait_manager_state(host, lambda m: broken in m["failed"], timeout=40)
+    assert view["failed"][broken] == "it stopped before it served, started as the kept manager"
+    assert view["version"] == good and view["state"] == "good", view
+    assert os.readlink(store(host, "current")) == good
+    assert host.sandbox.systemctl("restart", host.MANAGER_UNIT).returncode == 0
+    host.wait_manager()
+    assert manager(host)["version"] == good  # and it stays so
 
 # --- a hub and two agents: the rollout carries the agents' managers --------------------------
 TOKEN = "self-update-token-0123456789"

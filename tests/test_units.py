@@ -913,10 +913,15 @@ def test_a_trial_that_did_not_end_fails_its_version_and_the_good_one_returns(tmp
     assert record["trial"] is None and record["self_update"]["state"] == "reverted"
     assert record["failed"][trial].startswith("stopped during its 30 s trial (it began serving 3")
     assert os.readlink(update.current) == good
-    # Stopped during the hand-over itself: failed too, with its own reason.
-    update.save(trial={"version": f"{trial}.1", "from": good, "phase": "handing over"})
+    # Exec'd, but it never served: failed too, with its own reason.
+    update.save(trial={"version": f"{trial}.1", "from": good, "phase": "executing"})
     update.start_point(None)
-    assert "during the hand-over" in update.record["failed"][f"{trial}.1"]
+    assert "did not start serving" in update.record["failed"][f"{trial}.1"]
+    # Stopped before the exec: it never ran, so it is not failed, and is tried again.
+    update.save(trial={"version": f"{trial}.2", "from": good, "phase": "handing over"})
+    assert update.start_point(None) == update.file(good)
+    assert f"{trial}.2" not in update.record["failed"] and update.record["trial"] is None
+    assert update.record["self_update"]["state"] == "interrupted"
 
 
 def test_self_test_passes_the_settings_and_checks_the_version(tmp_path):
