@@ -41,6 +41,8 @@ lint:
 		m={a.name.split(".")[0] for n in ast.walk(t) if isinstance(n,ast.Import) for a in n.names} | \
 		{n.module.split(".")[0] for n in ast.walk(t) if isinstance(n,ast.ImportFrom) and n.module}; \
 		bad=sorted(m-set(sys.stdlib_module_names)); print("imports outside the standard library:", bad) if bad else None; sys.exit(1 if bad else 0)'
+	@# contrib/ansible/rollout.yml: --syntax-check and ansible-lint, from a venv of the lab
+	@$(PYTHON) tests/ansible_env.py lint
 	@echo "lint ok"
 
 bench:
